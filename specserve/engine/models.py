@@ -1,0 +1,185 @@
+"""Load a causal LM + tokenizer, and drive it through a KV cache that can be rolled back.
+
+`load_model` takes a local directory, a prepared model name (see `prepare.py`) or a hub id (when
+online), a dtype and a thread count. `KVCache` is the only way the decoding loops touch a model:
+`forward(ids)` appends tokens and returns their logits, `crop(n)` rolls rejected tokens back,
+`expand(b)` / `select(i)` copy the prefix along the batch axis for fan-out branches.
+
+This module does not know about speculation, sampling or serving; it knows tensors and caches.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["LM", "KVCache", "load_model", "set_threads", "DTYPES", "check_pair"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's intra-op thread count for this process (None = leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class LM:
+    """A loaded causal LM: the module, its tokenizer (None for bare test models) and facts."""
+
+    model: Any
+    tokenizer: Any = None
+    name: str = "model"
+    dtype: str = "float32"
+    quantization: str | None = None
+    load_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def max_len(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(src, "eos_token_id", None) if src is not None else None
+            if eos is not None:
+                ids.update([eos] if isinstance(eos, int) else eos)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def new_cache(self) -> "KVCache":
+        return KVCache(self.model)
+
+    def describe(self) -> dict:
+        n = sum(p.numel() for p in self.model.parameters())
+        return {"name": self.name, "dtype": self.dtype, "quantization": self.quantization,
+                "params": n, "vocab_size": self.vocab_size, "load_s": round(self.load_s, 2)}
+
+
+class KVCache:
+    """One sequence (or a batch of branches) of a model's KV cache, with rollback.
+
+    `length` counts the tokens whose keys/values are cached. Tokens passed to `forward` are
+    appended at positions length, length+1, ...
+    """
+
+    def __init__(self, model: Any):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.length = 0
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int] | torch.Tensor, keep: int | None = None) -> torch.Tensor:
+        """Append `ids` ([n] or [B, n]) and return float32 logits of the last `keep` positions.
+
+        Returns [keep, V] for 1-D input, [B, keep, V] for 2-D input (keep defaults to n).
+        """
+        x = torch.as_tensor(ids, dtype=torch.long)
+        batched = x.dim() == 2
+        x = x if batched else x[None]  # [B, n]
+        n = x.shape[1]
+        assert n > 0, "forward needs at least one token"
+        keep = n if keep is None else min(keep, n)
+        out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        self.length += n
+        logits = out.logits[:, -keep:].float()  # [B, keep, V]
+        return logits if batched else logits[0]
+
+    def crop(self, length: int) -> None:
+        """Drop cached tokens beyond `length` (rollback of rejected drafts)."""
+        if length > self.length or length < 0:
+            raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}")
+        if length < self.length:
+            self.cache.crop(length - self.length)  # transformers>=5: negative = tokens to remove
+            self.length = length
+
+    def expand(self, batch: int) -> None:
+        """Repeat a batch-1 cache `batch` times along the batch axis (fan-out branches)."""
+        self.cache.batch_repeat_interleave(batch)
+
+    def select(self, index: int) -> None:
+        """Keep only branch `index` of a batched cache (batch becomes 1)."""
+        self.cache.batch_select_indices(torch.tensor([index]))
+
+
+def _resolve(name_or_path: str, dtype: str) -> str:
+    """A local dir, a prepared model name, or a hub id -> something from_pretrained takes."""
+    try:
+        from .prepare import resolve_model
+    except ImportError:  # pragma: no cover - prepare.py is part of the package
+        resolve_model = None
+    if resolve_model is not None:
+        return resolve_model(name_or_path, dtype=dtype)
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    threads: int | None = None,
+    quantize: str | None = None,
+    tokenizer: bool = True,
+) -> LM:
+    """Load a causal LM for CPU/GPU inference.
+
+    name_or_path: a local model directory, a prepared name (`qwen2.5-coder-1.5b`) or a hub id.
+    dtype: float32 | bfloat16 | float16 (bfloat16 is by far the fastest exact choice on CPU).
+    quantize: None or "int8" (dynamic int8 Linear layers; changes the model's outputs: for drafts,
+      or for a target only as the user's explicit choice).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not name_or_path:
+        raise ValueError("model path is empty: give a model directory, a prepared name or a hub id")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be 'int8' or unset, got {quantize!r}")
+    set_threads(threads)
+    src = _resolve(str(name_or_path), dtype)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype])
+    model.eval()
+    if quantize == "int8":
+        model = quantize_int8(model)
+    tok = AutoTokenizer.from_pretrained(src) if tokenizer else None
+    name = Path(src).name if os.path.isdir(src) else src
+    return LM(model=model, tokenizer=tok, name=name, dtype=dtype, quantization=quantize,
+              load_s=time.perf_counter() - t0, extra={"path": src})
+
+
+def quantize_int8(model: Any) -> Any:
+    """Dynamic int8 quantization of every nn.Linear (weights int8, activations quantized on the fly)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def check_pair(target: LM, draft: LM) -> None:
+    """Fail fast when a draft cannot speculate for a target (different vocabularies)."""
+    if target.vocab_size != draft.vocab_size:
+        raise ValueError(
+            f"draft vocabulary ({draft.vocab_size} tokens, {draft.name}) differs from the target "
+            f"vocabulary ({target.vocab_size} tokens, {target.name}): speculative decoding needs a "
+            "draft that shares the target's tokenizer; pick a draft from the same model family"
+        )

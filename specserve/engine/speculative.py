@@ -1,0 +1,207 @@
+"""Speculative decoding (SD) and the plain autoregressive baseline (AR), as one loop.
+
+A round, with k draft tokens:
+  1. draft   -- the draft model proposes d_1..d_k, sampling each from its warped q_i.
+  2. verify  -- ONE target forward over [last committed token, d_1..d_k] gives p_1..p_{k+1}.
+  3. accept  -- rejection sampling keeps n drafts and adds a recovered or bonus token t*.
+  4. crop    -- both KV caches roll back to the committed prefix (rejected drafts vanish).
+  5. emit    -- the n + 1 new tokens go out as one chunk (cut at EOS, stop string, budget).
+AR is the same loop with k = 0: step 2 alone is one decode step, step 3 samples from p_1.
+
+The output is exactly what the target alone produces: token-identical when greedy, the same
+distribution when sampling. The draft only changes how many tokens a round yields.
+
+This module does not know about processes, networks or sessions: it takes loaded models and
+token ids, and yields chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+
+from .models import LM, KVCache, check_pair
+from .sampling import SamplingParams, rejection_sample, sample, warp
+from .text import TextStream
+
+__all__ = ["SpecConfig", "Stats", "Chunk", "generate", "draft_step", "MODES"]
+
+MODES = ("ar", "sd")
+
+
+@dataclass
+class SpecConfig:
+    """How to speculate. k fixes the draft length; k=None adapts it within [k_min, k_max]."""
+
+    mode: str = "sd"
+    k: int | None = None
+    k_init: int = 4
+    k_min: int = 1
+    k_max: int = 8
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.k is not None and not 1 <= self.k <= 64:
+            raise ValueError(f"k (draft length) must be between 1 and 64, got {self.k}")
+        if not 1 <= self.k_min <= self.k_init <= self.k_max <= 64:
+            raise ValueError(
+                f"need 1 <= k_min <= k_init <= k_max <= 64, got {self.k_min}, {self.k_init}, {self.k_max}")
+
+
+@dataclass
+class Stats:
+    """Counters of one generation; filled in while it streams."""
+
+    new_tokens: int = 0
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    prompt_tokens: int = 0
+    elapsed_s: float = 0.0
+    ttft_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    finish_reason: str = ""
+    accepted_per_round: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_dict(self, trace: bool = False) -> dict:
+        d = asdict(self)
+        if not trace:
+            d.pop("accepted_per_round")
+        d["acceptance_rate"] = round(self.acceptance_rate, 4)
+        d["tokens_per_s"] = round(self.tokens_per_s, 3)
+        for key in ("elapsed_s", "ttft_s", "draft_s", "verify_s"):
+            d[key] = round(d[key], 4)
+        return d
+
+
+@dataclass
+class Chunk:
+    """Tokens committed by one round, and the text they add (empty without a tokenizer)."""
+
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str | None = None  # set on the last chunk: eos | length | stop
+
+
+def draft_step(cache: KVCache, seq: list[int], k: int, sp: SamplingParams,
+               gen: torch.Generator) -> tuple[list[int], torch.Tensor | None]:
+    """Sample k draft tokens after `seq`; return (ids, q [k, V] or None when greedy).
+
+    The cache ends holding seq + d_1..d_{k-1} (d_k is never fed: the target verifies it).
+    """
+    logits = cache.forward(seq[cache.length:], keep=1)[-1]  # [V]
+    ids, qs = [], []
+    for i in range(k):
+        q = warp(logits, sp.temperature, sp.top_k, sp.top_p)  # [V]
+        ids.append(sample(q, gen))
+        if not sp.greedy:
+            qs.append(q)
+        if i < k - 1:
+            logits = cache.forward([ids[-1]])[-1]
+    return ids, (torch.stack(qs) if qs else None)
+
+
+def generate(
+    target: LM,
+    draft: LM | None,
+    prompt_ids: list[int],
+    max_new_tokens: int = 128,
+    sampling: SamplingParams | None = None,
+    spec: SpecConfig | None = None,
+    seed: int | None = None,
+    stop: list[str] | tuple[str, ...] = (),
+    stats: Stats | None = None,
+) -> Iterator[Chunk]:
+    """Stream the target's continuation of `prompt_ids`, one Chunk per round.
+
+    Pass `stats` to read the counters while or after streaming.
+    """
+    sp = sampling or SamplingParams()
+    spec = spec or SpecConfig()
+    st = stats if stats is not None else Stats()
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+        raise ValueError("prompt is empty: give at least one token of prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if len(prompt_ids) >= target.max_len:
+        raise ValueError(f"prompt is {len(prompt_ids)} tokens but the target's context window is "
+                         f"{target.max_len}: shorten the prompt")
+    bad = [t for t in prompt_ids if not 0 <= t < target.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids must be in [0, {target.vocab_size}), got {bad[:5]}")
+    speculate = spec.mode == "sd"
+    if speculate:
+        if draft is None:
+            raise ValueError("mode 'sd' needs a draft model: pass --draft, or use mode 'ar'")
+        check_pair(target, draft)
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(6), "little"))
+    text = TextStream(target.tokenizer, stop)
+    eos = target.eos_ids
+    budget = min(max_new_tokens, target.max_len - len(prompt_ids))
+    tc = target.new_cache()
+    dc = draft.new_cache() if speculate else None
+    seq = list(prompt_ids)  # committed tokens; tc/dc hold a prefix of them
+    k = (spec.k or spec.k_init) if speculate else 0
+    st.prompt_tokens = len(prompt_ids)
+    t_start = time.perf_counter()
+    while st.new_tokens < budget:
+        kr = min(k, budget - st.new_tokens - 1)  # never draft past the budget
+        # 1. draft k tokens
+        t0 = time.perf_counter()
+        d, q = draft_step(dc, seq, kr, sp, gen) if kr > 0 else ([], None)
+        t1 = time.perf_counter()
+        # 2. verify: one target forward over the uncached committed tokens + the k drafts
+        logits = tc.forward(seq[tc.length:] + d, keep=kr + 1)  # [kr+1, V]
+        p = warp(logits, sp.temperature, sp.top_k, sp.top_p)  # [kr+1, V]
+        # 3. accept n drafts, then a recovered or bonus token
+        n, t_next = rejection_sample(torch.tensor(d, dtype=torch.long), q, p, gen)
+        st.verify_s += time.perf_counter() - t1
+        st.draft_s += t1 - t0
+        # 4. crop both caches back to the committed prefix seq + d_1..d_n
+        tc.crop(len(seq) + n)
+        if dc is not None and dc.length > len(seq) + n:
+            dc.crop(len(seq) + n)
+        new = d[:n] + [t_next]
+        # 5. emit, cut at EOS / budget / stop string
+        finish = None
+        for i, t in enumerate(new):
+            if t in eos:
+                new, finish = new[: i + 1], "eos"
+                break
+        if st.new_tokens + len(new) >= budget and finish is None:
+            new, finish = new[: budget - st.new_tokens], "length"
+        delta, keep = text.push(new, final=finish is not None)
+        if keep is not None:
+            new, finish = new[: keep - st.new_tokens], "stop"
+        seq += new
+        st.rounds += 1
+        st.draft_tokens += kr
+        st.accepted_tokens += n
+        st.accepted_per_round.append(n)
+        st.new_tokens += len(new)
+        st.elapsed_s = time.perf_counter() - t_start
+        if st.rounds == 1:
+            st.ttft_s = st.elapsed_s
+        if finish:
+            st.finish_reason = finish
+        yield Chunk(token_ids=new, text=delta, finish_reason=finish)
+        if finish:
+            return
+        if speculate and spec.k is None:  # adaptive k: grow on a clean sweep, shrink otherwise
+            k = min(k + 1, spec.k_max) if n == kr else max(k - 1, spec.k_min)

@@ -1,0 +1,174 @@
+"""The SD loop on tiny random models: greedy exactness, stopping rules, sampling distribution."""
+
+import copy
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specserve.engine.models import LM, load_model
+from specserve.engine.sampling import SamplingParams, warp
+from specserve.engine.speculative import SpecConfig, Stats, generate
+from specserve.engine.tiny import tiny_model
+
+PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time, in a land far away, there"]
+
+
+def run(target, draft, ids, mode="sd", k=None, n=48, sampling=None, seed=0, stop=()):
+    st = Stats()
+    chunks = list(generate(target, draft, ids, n, sampling, SpecConfig(mode=mode, k=k), seed, stop, st))
+    return [t for c in chunks for t in c.token_ids], st, chunks
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    tok = tiny["target"].tokenizer
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, None])
+@pytest.mark.parametrize("draft_name", ["draft-same", "draft-random"])
+def test_greedy_sd_is_token_identical_to_ar(tiny, prompts, k, draft_name):
+    target, draft = tiny["target"], tiny[draft_name]
+    for ids in prompts:
+        ar, st_ar, _ = run(target, None, ids, mode="ar")
+        sd, st, _ = run(target, draft, ids, k=k)
+        assert sd == ar
+        assert len(ar) == 48 and st_ar.rounds == 48 and st_ar.draft_tokens == 0
+        if draft_name == "draft-same":
+            assert st.acceptance_rate == 1.0
+            assert st.rounds < st_ar.rounds
+        else:
+            assert st.acceptance_rate < 0.3
+
+
+def test_stream_chunks_and_text(tiny, prompts):
+    target = tiny["target"]
+    ids, st, chunks = run(target, tiny["draft-same"], prompts[0], k=3)
+    assert len(chunks) == st.rounds and all(len(c.token_ids) >= 1 for c in chunks)
+    assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert "".join(c.text for c in chunks) == target.tokenizer.decode(ids, skip_special_tokens=True)
+    assert st.new_tokens == len(ids) == 48
+    assert st.accepted_tokens + st.rounds == st.new_tokens
+
+
+def test_budget_cuts_mid_round(tiny, prompts):
+    ar, _, _ = run(tiny["target"], None, prompts[1], mode="ar", n=7)
+    sd, st, _ = run(tiny["target"], tiny["draft-same"], prompts[1], k=5, n=7)
+    assert sd == ar and len(sd) == 7 and st.finish_reason == "length"
+
+
+def test_eos_stops_both_modes_at_the_same_token(tiny, prompts):
+    ar, _, _ = run(tiny["target"], None, prompts[2], mode="ar")
+    target = LM(copy.deepcopy(tiny["target"].model), tiny["target"].tokenizer)
+    target.model.generation_config.eos_token_id = ar[9]
+    first = ar.index(ar[9])
+    for mode, draft in (("ar", None), ("sd", tiny["draft-same"]), ("sd", tiny["draft-random"])):
+        out, st, chunks = run(target, draft, prompts[2], mode=mode, k=4)
+        assert out == ar[: first + 1] and st.finish_reason == "eos" and chunks[-1].finish_reason == "eos"
+
+
+def test_stop_string_cuts_text_and_tokens_identically(tiny, prompts):
+    target, tok = tiny["target"], tiny["target"].tokenizer
+    ar, _, _ = run(target, None, prompts[0], mode="ar")
+    full = tok.decode(ar, skip_special_tokens=True)
+    stop = full[20:24]
+    assert stop.strip(), "pick a visible stop string"
+    results = []
+    for mode, draft, k in (("ar", None, None), ("sd", tiny["draft-same"], 5), ("sd", tiny["draft-random"], 2)):
+        out, st, chunks = run(target, draft, prompts[0], mode=mode, k=k, stop=[stop])
+        text = "".join(c.text for c in chunks)
+        assert st.finish_reason == "stop"
+        assert text == full[: full.find(stop)] and stop not in text
+        results.append(out)
+    assert results[0] == results[1] == results[2]
+    assert stop in tok.decode(results[0]) and stop not in tok.decode(results[0][:-1])
+
+
+# ---- sampling: the distribution of the first two tokens under sd equals ar's ------------------
+
+V = 6
+
+
+def exact_two_token_law(model, prompt, sp):
+    """P(t1, t2) of the target alone, computed from its logits: [V * V]."""
+    with torch.inference_mode():
+        p1 = warp(model(torch.tensor([prompt])).logits[0, -1], sp.temperature, sp.top_k, sp.top_p)
+        law = torch.zeros(V, V)
+        for t1 in range(V):
+            logits = model(torch.tensor([prompt + [t1]])).logits[0, -1]
+            law[t1] = p1[t1] * warp(logits, sp.temperature, sp.top_k, sp.top_p)
+    return law.flatten()
+
+
+def two_token_counts(target, draft, prompt, sp, mode, draws):
+    counts = torch.zeros(V * V)
+    for seed in range(draws):
+        out, _, _ = run(target, draft, prompt, mode=mode, k=3, n=3, sampling=sp, seed=seed)
+        counts[out[0] * V + out[1]] += 1
+    return counts
+
+
+def chi2_pvalue(counts, law):
+    expected = law * counts.sum()
+    big = expected >= 5  # pool the rare cells into one bucket
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.8, top_k=4, top_p=0.9)], ids=["t1", "warped"])
+def test_sd_sampling_matches_ar_distribution(sp):
+    target = LM(tiny_model(V, seed=1, init_std=0.5))
+    draft = LM(tiny_model(V, seed=2, layers=1, init_std=0.5))
+    prompt = [1, 2, 3]
+    law = exact_two_token_law(target.model, prompt, sp)
+    ar = two_token_counts(target, None, prompt, sp, "ar", 1500)
+    sd = two_token_counts(target, draft, prompt, sp, "sd", 1500)
+    assert chi2_pvalue(ar, law) > 1e-3
+    assert chi2_pvalue(sd, law) > 1e-3
+
+
+def test_sd_sampling_with_a_wrong_law_fails_the_test():
+    """The check above can fail: the same counts against another model's law are rejected."""
+    sp = SamplingParams(1.0)
+    target = LM(tiny_model(V, seed=1, init_std=0.5))
+    other = tiny_model(V, seed=3, init_std=0.5)
+    sd = two_token_counts(target, LM(tiny_model(V, seed=2, layers=1, init_std=0.5)), [1, 2, 3], sp, "sd", 1500)
+    assert chi2_pvalue(sd, exact_two_token_law(other, [1, 2, 3], sp)) < 1e-6
+
+
+# ---- bad input fails fast, naming the field and the fix ----------------------------------------
+
+def test_vocab_mismatch_names_both_sizes(tiny, prompts):
+    other = LM(tiny_model(600, seed=0), name="other")
+    with pytest.raises(ValueError, match=r"draft vocabulary \(600 tokens.*target vocabulary \(512 tokens"):
+        next(generate(tiny["target"], other, prompts[0]))
+
+
+@pytest.mark.parametrize("kwargs, field", [({"k": 0}, "k"), ({"mode": "beam"}, "mode"), ({"k_max": 0}, "k_max")])
+def test_bad_spec_config(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SpecConfig(**kwargs)
+
+
+def test_bad_generate_inputs(tiny, prompts):
+    t, d = tiny["target"], tiny["draft-same"]
+    with pytest.raises(ValueError, match="prompt is empty"):
+        next(generate(t, d, []))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        next(generate(t, d, prompts[0], max_new_tokens=0))
+    with pytest.raises(ValueError, match="needs a draft"):
+        next(generate(t, None, prompts[0], spec=SpecConfig(mode="sd")))
+    with pytest.raises(ValueError, match="context window"):
+        next(generate(t, d, [5] * 5000))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
+        next(generate(t, d, [1, 9999]))
+
+
+def test_missing_model_directory(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_model(str(missing))
