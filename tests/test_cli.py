@@ -29,7 +29,7 @@ def test_generate_json_sd_equals_ar(tiny_dir, capsys):
     rc, out, _ = gen(capsys, *common, "--mode", "ar")
     assert rc == 0
     ar = json.loads(out)
-    rc, out, _ = gen(capsys, *common, "--draft", str(tiny_dir / "draft-same"), "--draft-dtype", "float32", "--k", "4")
+    rc, out, _ = gen(capsys, *common, "--draft", str(tiny_dir / "draft-same"), "--draft-quantize", "none", "--k", "4")
     assert rc == 0
     sd = json.loads(out)
     assert sd["token_ids"] == ar["token_ids"] and sd["text"] == ar["text"]

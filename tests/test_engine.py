@@ -1,7 +1,5 @@
 """The SD loop on tiny random models: greedy exactness, stopping rules, sampling distribution."""
 
-import copy
-
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -14,9 +12,10 @@ from specserve.engine.tiny import tiny_model
 PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time, in a land far away, there"]
 
 
-def run(target, draft, ids, mode="sd", k=None, n=48, sampling=None, seed=0, stop=()):
+def run(target, draft, ids, mode="sd", k=None, n=48, sampling=None, seed=0, stop=(), stop_prob=0.0):
     st = Stats()
-    chunks = list(generate(target, draft, ids, n, sampling, SpecConfig(mode=mode, k=k), seed, stop, st))
+    spec = SpecConfig(mode=mode, k=k, stop_prob=stop_prob)
+    chunks = list(generate(target, draft, ids, n, sampling, spec, seed, stop, st))
     return [t for c in chunks for t in c.token_ids], st, chunks
 
 
@@ -26,13 +25,13 @@ def prompts(tiny):
     return [tok(p)["input_ids"] for p in PROMPTS]
 
 
-@pytest.mark.parametrize("k", [1, 3, 5, None])
+@pytest.mark.parametrize("k, stop_prob", [(1, 0), (3, 0), (5, 0), (None, 0), (None, 0.003)])
 @pytest.mark.parametrize("draft_name", ["draft-same", "draft-random"])
-def test_greedy_sd_is_token_identical_to_ar(tiny, prompts, k, draft_name):
+def test_greedy_sd_is_token_identical_to_ar(tiny, prompts, k, stop_prob, draft_name):
     target, draft = tiny["target"], tiny[draft_name]
     for ids in prompts:
         ar, st_ar, _ = run(target, None, ids, mode="ar")
-        sd, st, _ = run(target, draft, ids, k=k)
+        sd, st, _ = run(target, draft, ids, k=k, stop_prob=stop_prob)
         assert sd == ar
         assert len(ar) == 48 and st_ar.rounds == 48 and st_ar.draft_tokens == 0
         if draft_name == "draft-same":
@@ -58,9 +57,9 @@ def test_budget_cuts_mid_round(tiny, prompts):
     assert sd == ar and len(sd) == 7 and st.finish_reason == "length"
 
 
-def test_eos_stops_both_modes_at_the_same_token(tiny, prompts):
+def test_eos_stops_both_modes_at_the_same_token(tiny, tiny_dir, prompts):
     ar, _, _ = run(tiny["target"], None, prompts[2], mode="ar")
-    target = LM(copy.deepcopy(tiny["target"].model), tiny["target"].tokenizer)
+    target = load_model(str(tiny_dir / "target"), dtype="float32")  # a private copy to change
     target.model.generation_config.eos_token_id = ar[9]
     first = ar.index(ar[9])
     for mode, draft in (("ar", None), ("sd", tiny["draft-same"]), ("sd", tiny["draft-random"])):
@@ -101,10 +100,10 @@ def exact_two_token_law(model, prompt, sp):
     return law.flatten()
 
 
-def two_token_counts(target, draft, prompt, sp, mode, draws):
+def two_token_counts(target, draft, prompt, sp, mode, draws, stop_prob=0.0):
     counts = torch.zeros(V * V)
     for seed in range(draws):
-        out, _, _ = run(target, draft, prompt, mode=mode, k=3, n=3, sampling=sp, seed=seed)
+        out, _, _ = run(target, draft, prompt, mode=mode, k=3, n=3, sampling=sp, seed=seed, stop_prob=stop_prob)
         counts[out[0] * V + out[1]] += 1
     return counts
 
@@ -119,14 +118,15 @@ def chi2_pvalue(counts, law):
     return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
-@pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.8, top_k=4, top_p=0.9)], ids=["t1", "warped"])
-def test_sd_sampling_matches_ar_distribution(sp):
+@pytest.mark.parametrize("sp, stop_prob", [(SamplingParams(1.0), 0.0), (SamplingParams(0.8, top_k=4, top_p=0.9), 0.0),
+                                           (SamplingParams(1.0), 0.4)], ids=["t1", "warped", "early-stop"])
+def test_sd_sampling_matches_ar_distribution(sp, stop_prob):
     target = LM(tiny_model(V, seed=1, init_std=0.5))
     draft = LM(tiny_model(V, seed=2, layers=1, init_std=0.5))
     prompt = [1, 2, 3]
     law = exact_two_token_law(target.model, prompt, sp)
     ar = two_token_counts(target, None, prompt, sp, "ar", 1500)
-    sd = two_token_counts(target, draft, prompt, sp, "sd", 1500)
+    sd = two_token_counts(target, draft, prompt, sp, "sd", 1500, stop_prob)
     assert chi2_pvalue(ar, law) > 1e-3
     assert chi2_pvalue(sd, law) > 1e-3
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .kernels import pack_linears
+
 __all__ = ["LM", "KVCache", "load_model", "set_threads", "DTYPES", "check_pair"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,9 +69,10 @@ class LM:
         return KVCache(self.model)
 
     def describe(self) -> dict:
-        n = sum(p.numel() for p in self.model.parameters())
+        n = self.extra.get("params") or sum(p.numel() for p in self.model.parameters())
         return {"name": self.name, "dtype": self.dtype, "quantization": self.quantization,
-                "params": n, "vocab_size": self.vocab_size, "load_s": round(self.load_s, 2)}
+                "kernels": self.extra.get("kernels", "plain"), "params": n, "vocab_size": self.vocab_size,
+                "load_s": round(self.load_s, 2)}
 
 
 class KVCache:
@@ -139,6 +142,7 @@ def load_model(
     threads: int | None = None,
     quantize: str | None = None,
     tokenizer: bool = True,
+    kernels: str = "auto",
 ) -> LM:
     """Load a causal LM for CPU/GPU inference.
 
@@ -146,6 +150,8 @@ def load_model(
     dtype: float32 | bfloat16 | float16 (bfloat16 is by far the fastest exact choice on CPU).
     quantize: None or "int8" (dynamic int8 Linear layers; changes the model's outputs: for drafts,
       or for a target only as the user's explicit choice).
+    kernels: "auto" (pack float32 Linear weights for oneDNN on CPU, see kernels.py), "packed",
+      or "plain" (PyTorch's default nn.Linear).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,24 +161,35 @@ def load_model(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be 'int8' or unset, got {quantize!r}")
+    if kernels not in ("auto", "packed", "plain"):
+        raise ValueError(f"kernels must be auto, packed or plain, got {kernels!r}")
     set_threads(threads)
     src = _resolve(str(name_or_path), dtype)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype])
     model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    used = "plain"
     if quantize == "int8":
         model = quantize_int8(model)
+        used = "int8"
+    elif kernels != "plain" and dtype == "float32" and pack_linears(model):
+        used = "packed"
     tok = AutoTokenizer.from_pretrained(src) if tokenizer else None
     name = Path(src).name if os.path.isdir(src) else src
     return LM(model=model, tokenizer=tok, name=name, dtype=dtype, quantization=quantize,
-              load_s=time.perf_counter() - t0, extra={"path": src})
+              load_s=time.perf_counter() - t0, extra={"path": src, "params": params, "kernels": used})
 
 
 def quantize_int8(model: Any) -> Any:
     """Dynamic int8 quantization of every nn.Linear (weights int8, activations quantized on the fly)."""
+    import warnings
+
     from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch.ao eager quantization is deprecated but still the fastest here
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def check_pair(target: LM, draft: LM) -> None:

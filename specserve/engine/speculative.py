@@ -35,13 +35,18 @@ MODES = ("ar", "sd")
 
 @dataclass
 class SpecConfig:
-    """How to speculate. k fixes the draft length; k=None adapts it within [k_min, k_max]."""
+    """How to speculate. k fixes the draft length; k=None adapts it within [k_min, k_max].
+
+    With `stop_prob` > 0 a round drafts fewer than k tokens when the draft doubts its own guess
+    (HF's assisted generation has the same idea); 0 always drafts k. Neither changes the output.
+    """
 
     mode: str = "sd"
     k: int | None = None
     k_init: int = 4
     k_min: int = 1
-    k_max: int = 8
+    k_max: int = 10
+    stop_prob: float = 0.5  # stop drafting after a token the draft gives less than this probability
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -51,6 +56,8 @@ class SpecConfig:
         if not 1 <= self.k_min <= self.k_init <= self.k_max <= 64:
             raise ValueError(
                 f"need 1 <= k_min <= k_init <= k_max <= 64, got {self.k_min}, {self.k_init}, {self.k_max}")
+        if not 0 <= self.stop_prob < 1:
+            raise ValueError(f"stop_prob must be in [0, 1), got {self.stop_prob}")
 
 
 @dataclass
@@ -98,10 +105,12 @@ class Chunk:
 
 
 def draft_step(cache: KVCache, seq: list[int], k: int, sp: SamplingParams,
-               gen: torch.Generator) -> tuple[list[int], torch.Tensor | None]:
-    """Sample k draft tokens after `seq`; return (ids, q [k, V] or None when greedy).
+               gen: torch.Generator, stop_prob: float = 0.0) -> tuple[list[int], torch.Tensor | None]:
+    """Sample up to k draft tokens after `seq`; return (ids, q [len(ids), V] or None when greedy).
 
-    The cache ends holding seq + d_1..d_{k-1} (d_k is never fed: the target verifies it).
+    Drafting stops early after a token whose draft probability (of the softmax at temperature 1
+    when greedy) is below `stop_prob`: a guess the draft itself doubts is rarely accepted, and the
+    tokens after it even less. The cache ends holding seq + d_1..d_{n-1} (d_n is never fed).
     """
     logits = cache.forward(seq[cache.length:], keep=1)[-1]  # [V]
     ids, qs = [], []
@@ -110,6 +119,10 @@ def draft_step(cache: KVCache, seq: list[int], k: int, sp: SamplingParams,
         ids.append(sample(q, gen))
         if not sp.greedy:
             qs.append(q)
+        if stop_prob > 0:
+            conf = q[ids[-1]] if not sp.greedy else torch.softmax(logits, -1)[ids[-1]]
+            if conf < stop_prob:
+                break
         if i < k - 1:
             logits = cache.forward([ids[-1]])[-1]
     return ids, (torch.stack(qs) if qs else None)
@@ -164,7 +177,8 @@ def generate(
         kr = min(k, budget - st.new_tokens - 1)  # never draft past the budget
         # 1. draft k tokens
         t0 = time.perf_counter()
-        d, q = draft_step(dc, seq, kr, sp, gen) if kr > 0 else ([], None)
+        d, q = draft_step(dc, seq, kr, sp, gen, spec.stop_prob) if kr > 0 else ([], None)
+        kr = len(d)
         t1 = time.perf_counter()
         # 2. verify: one target forward over the uncached committed tokens + the k drafts
         logits = tc.forward(seq[tc.length:] + d, keep=kr + 1)  # [kr+1, V]
