@@ -4,6 +4,9 @@ Modes:
   ar           the target alone, our loop with k = 0 (the baseline every ratio is against)
   hf-assisted  transformers' own `generate(..., assistant_model=draft)` on the same loaded models
   sd           our speculative loop (adaptive k unless --k is given)
+  ssd          the draft in its own process (a local `specserve draft-worker` on its own core, or
+               --draft-address) over the gRPC speculation stream, pre-drafting likely outcomes
+  ssd-nocache  the same remote draft without pre-drafting (the value of the speculation cache)
 
 All modes run on every prompt, interleaved per prompt (the order rotates from prompt to prompt)
 after a warm-up, so machine drift hits every mode alike. Greedy runs check that each mode's
@@ -30,7 +33,7 @@ from .engine.speculative import SpecConfig, Stats, generate
 
 __all__ = ["BENCH_MODES", "Prompt", "load_prompts", "run_bench", "format_table", "plot"]
 
-BENCH_MODES = ("ar", "hf-assisted", "sd")
+BENCH_MODES = ("ar", "hf-assisted", "sd", "ssd", "ssd-nocache")
 DATA = Path(__file__).parent / "data"
 
 
@@ -53,9 +56,12 @@ class Record:
     rounds: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
-    draft_s: float = 0.0
+    draft_wait_s: float = 0.0
     verify_s: float = 0.0
     accepted_per_round: list[int] = field(default_factory=list)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    fallback: str = ""
     token_ids: list[int] = field(default_factory=list)
     mismatch_at: int | None = None  # first position differing from ar (greedy only)
 
@@ -100,14 +106,23 @@ def encode(tok, p: Prompt) -> list[int]:
     return tok(p.text)["input_ids"]
 
 
-def _run_engine(mode, target, draft, ids, max_new, sp, k, seed) -> Record:
+def _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client=None, fanout=None) -> Record:
     st = Stats()
     toks: list[int] = []
-    for chunk in generate(target, draft if mode == "sd" else None, ids, max_new, sp,
-                          SpecConfig(mode=mode, k=k), seed, (), st):
+    drafter = draft if mode == "sd" else None
+    if mode.startswith("ssd"):
+        from .pipeline.remote_drafter import RemoteDrafter
+        from .pipeline.wire import spec_params
+
+        params = spec_params(sp.temperature, sp.top_k, sp.top_p, k=k or 4, fanout=fanout,
+                             speculate=mode == "ssd", seed=seed or 0, max_new_tokens=max_new)
+        drafter = RemoteDrafter(client, ids, target.vocab_size, params)
+    for chunk in generate(target, drafter, ids, max_new, sp, SpecConfig(mode=mode.split("-")[0], k=k),
+                          seed, (), st):
         toks += chunk.token_ids
     return Record("", mode, len(ids), st.new_tokens, st.elapsed_s, st.rounds, st.draft_tokens,
-                  st.accepted_tokens, st.draft_s, st.verify_s, st.accepted_per_round, toks)
+                  st.accepted_tokens, st.draft_wait_s, st.verify_s, st.accepted_per_round, token_ids=toks,
+                  cache_hits=st.cache_hits, cache_misses=st.cache_misses, fallback=st.fallback)
 
 
 @torch.inference_mode()
@@ -126,10 +141,10 @@ def _run_hf_assisted(target, draft, ids, max_new, sp, seed) -> Record:
     return Record("", "hf-assisted", len(ids), len(toks), dt, token_ids=toks)
 
 
-def run_one(mode, target, draft, ids, max_new, sp, k=None, seed=None) -> Record:
+def run_one(mode, target, draft, ids, max_new, sp, k=None, seed=None, client=None, fanout=None) -> Record:
     if mode == "hf-assisted":
         return _run_hf_assisted(target, draft, ids, max_new, sp, seed)
-    return _run_engine(mode, target, draft, ids, max_new, sp, k, seed)
+    return _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client, fanout)
 
 
 def _first_diff(a: list[int], b: list[int]) -> int | None:
@@ -170,7 +185,13 @@ def summarize(records: list[Record], modes: list[str], greedy: bool) -> dict:
             d["tokens_per_round"] = round(sum(r.new_tokens for r in rs) / rounds, 3)
             d["mean_k"] = round(drafted / rounds, 3)
             total = sum(r.elapsed_s for r in rs)
-            d["draft_share"] = round(sum(r.draft_s for r in rs) / total, 3)
+            d["draft_wait_share"] = round(sum(r.draft_wait_s for r in rs) / total, 3)
+            d["verify_share"] = round(sum(r.verify_s for r in rs) / total, 3)
+        if m.startswith("ssd"):
+            hits, misses = sum(r.cache_hits for r in rs), sum(r.cache_misses for r in rs)
+            d["cache_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else 0.0
+            d["draft_wait_s_per_round"] = round(sum(r.draft_wait_s for r in rs) / max(1, rounds), 4)
+            d["fallbacks"] = sum(1 for r in rs if r.fallback)
             d["verify_share"] = round(sum(r.verify_s for r in rs) / total, 3)
         if ar_tps and "ar" in by:
             ratios = [r.tokens_per_s / ar_tps[r.prompt_id] for r in rs if ar_tps.get(r.prompt_id)]
@@ -186,8 +207,11 @@ def summarize(records: list[Record], modes: list[str], greedy: bool) -> dict:
 
 def run_bench(target: LM, draft: LM, prompts: list[Prompt], modes: list[str], max_new_tokens: int = 128,
               sampling: SamplingParams | None = None, k: int | None = None, seed: int = 0,
-              warmup: bool = True, progress: bool = True) -> dict:
-    """Run every mode on every prompt (interleaved, rotating order); return records + summary."""
+              warmup: bool = True, progress: bool = True, client=None, fanout: list[int] | None = None) -> dict:
+    """Run every mode on every prompt (interleaved, rotating order); return records + summary.
+
+    `client` (a pipeline DraftClient) is needed for the ssd modes.
+    """
     from tqdm import tqdm
 
     sp = sampling or SamplingParams()
@@ -196,19 +220,21 @@ def run_bench(target: LM, draft: LM, prompts: list[Prompt], modes: list[str], ma
         raise ValueError(f"--modes: unknown mode(s) {', '.join(bad)}; choose from {', '.join(BENCH_MODES)}")
     if "ar" not in modes and sp.greedy:
         modes = ["ar", *modes]  # the reference for ratios and the exactness check
+    if any(m.startswith("ssd") for m in modes) and client is None:
+        raise ValueError("--modes: ssd modes need a draft worker (a DraftClient)")
     tok = target.tokenizer
     encoded = [(p, encode(tok, p)) for p in prompts]
     if warmup:
         ids = encoded[0][1]
         for m in modes:
-            run_one(m, target, draft, ids, min(8, max_new_tokens), sp, k, seed)
+            run_one(m, target, draft, ids, min(8, max_new_tokens), sp, k, seed, client, fanout)
     records: list[Record] = []
     bar = tqdm(total=len(prompts) * len(modes), desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for i, (p, ids) in enumerate(encoded):
         order = modes[i % len(modes):] + modes[: i % len(modes)]
         got = {}
         for m in order:
-            r = run_one(m, target, draft, ids, max_new_tokens, sp, k, seed + i)
+            r = run_one(m, target, draft, ids, max_new_tokens, sp, k, seed + i, client, fanout)
             r.prompt_id = p.id
             got[m] = r
             bar.set_postfix_str(f"{p.id} {m} {r.tokens_per_s:.2f} tok/s")
@@ -235,14 +261,16 @@ def run_bench(target: LM, draft: LM, prompts: list[Prompt], modes: list[str], ma
 def format_table(result: dict) -> str:
     """A markdown table of the summary."""
     rows = ["| mode | tok/s median | p10 | p90 | vs ar (medians) | vs ar (median ratio) | acceptance "
-            "| tokens/round | mismatches |", "|---|---|---|---|---|---|---|---|---|"]
+            "| tokens/round | cache hits | mismatches |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def opt(d, key, fmt="{:.2f}"):
+        return fmt.format(d[key]) if key in d else "—"
+
     for m, d in result["summary"].items():
-        acc = f"{d['acceptance_rate']:.2f}" if "acceptance_rate" in d else "—"
-        tpr = f"{d['tokens_per_round']:.2f}" if "tokens_per_round" in d else "—"
         rows.append(f"| {m} | {d['tokens_per_s_median']:.2f} | {d['tokens_per_s_p10']:.2f} | "
                     f"{d['tokens_per_s_p90']:.2f} | {d.get('speedup_vs_ar_of_medians', 1.0):.2f}x | "
-                    f"{d.get('speedup_vs_ar_median_of_ratios') or 1.0:.2f}x | {acc} | {tpr} | "
-                    f"{d.get('mismatches', '—')} |")
+                    f"{d.get('speedup_vs_ar_median_of_ratios') or 1.0:.2f}x | {opt(d, 'acceptance_rate')} | "
+                    f"{opt(d, 'tokens_per_round')} | {opt(d, 'cache_hit_rate')} | {d.get('mismatches', '—')} |")
     return "\n".join(rows)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["main"]
@@ -40,6 +41,17 @@ def _add_model_flags(p: argparse.ArgumentParser, draft_required: bool = False) -
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
+def _add_ssd_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-address", default=None,
+                   help="ssd: host:port of a running `specserve draft-worker` (default: start one locally)")
+    p.add_argument("--fanout", default=None,
+                   help="ssd: outcomes pre-drafted per position, comma-separated F_0..F_k (default: geometric)")
+    p.add_argument("--no-speculate", action="store_true",
+                   help="ssd: remote draft without pre-drafting (measures the speculation cache alone)")
+    p.add_argument("--draft-timeout", type=float, default=30.0,
+                   help="ssd: seconds to wait for a proposal before finishing without the draft (default 30)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specserve", description="Speculative-decoding LLM server and tools.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -48,9 +60,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_flags(g)
     g.add_argument("--prompt", required=True, help="prompt text, or - to read it from stdin")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--mode", default=None, choices=["ar", "sd"], help="ar = target alone; sd = speculative "
-                   "(default: sd when --draft is given, else ar)")
-    g.add_argument("--k", type=int, default=None, help="fixed draft length (default: adaptive)")
+    g.add_argument("--mode", default=None, choices=["ar", "sd", "ssd"],
+                   help="ar = target alone; sd = speculative, draft in this process; ssd = draft in its own "
+                        "process over gRPC, pre-drafting likely outcomes (default: sd when --draft is given, else ar)")
+    g.add_argument("--k", type=int, default=None, help="fixed draft length (default: adaptive for sd, 4 for ssd)")
+    _add_ssd_flags(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_sampling_flags(g)
@@ -69,6 +83,15 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep-gguf", action="store_true", help="keep the joined GGUF files")
     msub.add_parser("list", help="show prepared models")
 
+    w = sub.add_parser("draft-worker", help="serve a draft model on the gRPC speculation stream (SSD)")
+    w.add_argument("--model", required=True, help="draft model: a directory, a prepared name or a hub id")
+    w.add_argument("--port", type=int, default=50061, help="port to listen on (0 = any free port; default 50061)")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    w.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    w.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    w.add_argument("--quantize", default="int8", choices=["int8", "none"],
+                   help="dynamic int8 quantization (default int8: a draft's dtype never changes the output)")
+
     b = sub.add_parser("bench", help="compare ar, hf-assisted and sd on the same prompts")
     _add_model_flags(b, draft_required=True)
     b.add_argument("--prompts", default="humaneval", help="humaneval | chat | FILE.jsonl (default humaneval)")
@@ -78,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="write the full results (records, traces) as JSON")
     b.add_argument("--plot", default=None, help="write a PNG: tokens/s per mode and the acceptance histogram")
     b.add_argument("--no-warmup", action="store_true")
+    _add_ssd_flags(b)
     _add_sampling_flags(b)
     b.set_defaults(seed=0)
     return ap
@@ -118,11 +142,13 @@ def _load_pair(args):
 
 def cmd_generate(args) -> int:
     from .engine.sampling import SamplingParams
-    from .engine.speculative import SpecConfig, Stats, generate
 
     mode = args.mode or ("sd" if args.draft else "ar")
     if mode == "sd" and not args.draft:
         raise UsageError("--draft: mode sd needs a draft model; pass --draft PATH or use --mode ar")
+    if mode == "ssd" and not (args.draft or args.draft_address):
+        raise UsageError("--draft: mode ssd needs --draft PATH (a local worker is started) or --draft-address")
+    fanout = _parse_fanout(args.fanout)
     if args.k is not None and args.k < 1:
         raise UsageError(f"--k: the draft length must be >= 1, got {args.k}")
     if args.max_new_tokens < 1:
@@ -132,6 +158,64 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         raise UsageError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
     prompt = _read_prompt(args)
+    worker = _start_local_worker(args) if mode == "ssd" and not args.draft_address else None
+    try:
+        return _generate(args, mode, sp, prompt, fanout)
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+def _start_local_worker(args):
+    """A draft worker child process on its own core; this process keeps the other cores."""
+    from .pipeline.local_worker import LocalWorker, split_cores
+
+    target_cores, draft_cores = split_cores()
+    os.sched_setaffinity(0, target_cores)
+    if args.threads is None:
+        args.threads = len(target_cores)
+    print(f"starting a draft worker on core(s) {sorted(draft_cores)}, target on {sorted(target_cores)}",
+          file=sys.stderr)
+    worker = LocalWorker(args.draft, threads=1, cores=draft_cores, dtype=args.draft_dtype,
+                         quantize=None if args.draft_quantize == "none" else args.draft_quantize)
+    args.draft_address = worker.address
+    return worker
+
+
+def _parse_fanout(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        f = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--fanout: give comma-separated counts like 2,1,1,1,3, got {text!r}") from None
+    if any(x < 0 for x in f):
+        raise UsageError(f"--fanout: counts must be >= 0, got {text!r}")
+    return f
+
+
+def _ssd_drafter(args, target, ids, sp):
+    from .pipeline.remote_drafter import DraftClient, RemoteDrafter
+    from .pipeline.wire import spec_params
+
+    client = DraftClient(args.draft_address, timeout=args.draft_timeout)
+    try:
+        client.check_vocab(target.vocab_size)
+    except ValueError as e:
+        raise UsageError(f"--draft-address: {e}") from None
+    except RuntimeError as e:
+        raise UsageError(f"--draft-address: {e}; is `specserve draft-worker` running there?") from None
+    params = spec_params(sp.temperature, sp.top_k, sp.top_p, k=args.k or 4, fanout=args.fanout_list,
+                         speculate=not args.no_speculate, seed=args.seed or 0, max_new_tokens=args.max_new_tokens)
+    return client, RemoteDrafter(client, ids, target.vocab_size, params)
+
+
+def _generate(args, mode, sp, prompt, fanout) -> int:
+    from .engine.speculative import SpecConfig, Stats, generate
+
+    args.fanout_list = fanout
+    if mode == "ssd":
+        args.draft = None  # the draft lives in the worker
     target, draft = _load_pair(args)
     tok = target.tokenizer
     if args.chat and getattr(tok, "chat_template", None):
@@ -142,8 +226,11 @@ def cmd_generate(args) -> int:
     st = Stats()
     out_ids: list[int] = []
     text = []
+    client = None
+    if mode == "ssd":
+        client, draft = _ssd_drafter(args, target, ids, sp)
     try:
-        for chunk in generate(target, draft if mode == "sd" else None, ids, args.max_new_tokens, sp,
+        for chunk in generate(target, draft if mode != "ar" else None, ids, args.max_new_tokens, sp,
                               SpecConfig(mode=mode, k=args.k), args.seed, args.stop, st):
             out_ids += chunk.token_ids
             text.append(chunk.text)
@@ -152,14 +239,20 @@ def cmd_generate(args) -> int:
                 sys.stdout.flush()
     except ValueError as e:
         raise UsageError(str(e)) from None
+    finally:
+        if client is not None:
+            client.close()
     if args.json:
+        draft_info = draft.describe() if hasattr(draft, "describe") else (
+            {"address": args.draft_address} if mode == "ssd" else None)
         print(json.dumps({"text": "".join(text), "token_ids": out_ids, "mode": mode,
-                          "target": target.describe(), "draft": draft.describe() if draft else None,
-                          "stats": st.to_dict()}))
+                          "target": target.describe(), "draft": draft_info, "stats": st.to_dict()}))
     else:
         sys.stdout.write("\n")
+        extra = f", cache hits {st.cache_hit_rate:.2f}" if mode == "ssd" else ""
+        extra += f", fallback: {st.fallback}" if st.fallback else ""
         print(f"[{mode}] {st.new_tokens} tokens in {st.elapsed_s:.2f}s ({st.tokens_per_s:.1f} tok/s), "
-              f"{st.rounds} rounds, acceptance {st.acceptance_rate:.2f}", file=sys.stderr)
+              f"{st.rounds} rounds, acceptance {st.acceptance_rate:.2f}{extra}", file=sys.stderr)
     return 0
 
 
@@ -205,12 +298,27 @@ def cmd_bench(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    target, draft = _load_pair(args)
+    fanout = _parse_fanout(args.fanout)
+    worker = client = None
+    if any(m.startswith("ssd") for m in modes):
+        from .pipeline.remote_drafter import DraftClient
+
+        if not args.draft_address:
+            worker = _start_local_worker(args)
+        client = DraftClient(args.draft_address, timeout=args.draft_timeout)
     try:
+        target, draft = _load_pair(args)
+        if client is not None:
+            client.check_vocab(target.vocab_size)
         result = run_bench(target, draft, prompts, modes, args.max_new_tokens, sp, args.k, args.seed,
-                           warmup=not args.no_warmup)
+                           warmup=not args.no_warmup, client=client, fanout=fanout)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    finally:
+        if client is not None:
+            client.close()
+        if worker is not None:
+            worker.close()
     print(format_table(result))
     for m, d in result["summary"].items():
         if d.get("mismatches"):
@@ -225,6 +333,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_draft_worker(args) -> int:
+    from .pipeline.draft_server import run_draft_worker
+
+    try:
+        return run_draft_worker(args.model, port=args.port, threads=args.threads, dtype=args.dtype,
+                                quantize=None if args.quantize == "none" else args.quantize, host=args.host)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise UsageError(f"--model: {e}" if not isinstance(e, OSError) or "bind" not in str(e) else f"--port: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -234,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_models(args)
         if args.cmd == "bench":
             return cmd_bench(args)
+        if args.cmd == "draft-worker":
+            return cmd_draft_worker(args)
     except UsageError as e:
         print(f"specserve: error: {e}", file=sys.stderr)
         return 2

@@ -4,8 +4,10 @@ A round, with k draft tokens:
   1. draft   -- the draft model proposes d_1..d_k, sampling each from its warped q_i.
   2. verify  -- ONE target forward over [last committed token, d_1..d_k] gives p_1..p_{k+1}.
   3. accept  -- rejection sampling keeps n drafts and adds a recovered or bonus token t*.
-  4. crop    -- both KV caches roll back to the committed prefix (rejected drafts vanish).
-  5. emit    -- the n + 1 new tokens go out as one chunk (cut at EOS, stop string, budget).
+  4. crop    -- the target's KV cache rolls back to the committed prefix (rejected drafts vanish).
+  5. emit    -- the n + 1 new tokens go out as one chunk (cut at EOS, stop string, budget), and
+               the drafter hears the outcome (it crops its own cache, or a remote SSD worker
+               answers with the next proposal, often from its speculation cache).
 AR is the same loop with k = 0: step 2 alone is one decode step, step 3 samples from p_1.
 
 The output is exactly what the target alone produces: token-identical when greedy, the same
@@ -28,9 +30,10 @@ from .models import LM, KVCache, check_pair
 from .sampling import SamplingParams, rejection_sample, sample, warp
 from .text import TextStream
 
-__all__ = ["SpecConfig", "Stats", "Chunk", "generate", "draft_step", "MODES"]
+__all__ = ["SpecConfig", "Stats", "Chunk", "generate", "draft_step", "Drafter", "LocalDrafter",
+           "DraftUnavailable", "MODES"]
 
-MODES = ("ar", "sd")
+MODES = ("ar", "sd", "ssd")
 
 
 @dataclass
@@ -71,14 +74,22 @@ class Stats:
     prompt_tokens: int = 0
     elapsed_s: float = 0.0
     ttft_s: float = 0.0
-    draft_s: float = 0.0
+    draft_wait_s: float = 0.0  # time the target waited for proposals (in-process: drafting itself)
     verify_s: float = 0.0
+    cache_hits: int = 0  # ssd: proposals served from the draft's speculation cache
+    cache_misses: int = 0
+    fallback: str = ""  # why the drafter was dropped mid-sequence (the rest ran as ar), if it was
     finish_reason: str = ""
     accepted_per_round: list[int] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        n = self.cache_hits + self.cache_misses
+        return self.cache_hits / n if n else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -90,7 +101,8 @@ class Stats:
             d.pop("accepted_per_round")
         d["acceptance_rate"] = round(self.acceptance_rate, 4)
         d["tokens_per_s"] = round(self.tokens_per_s, 3)
-        for key in ("elapsed_s", "ttft_s", "draft_s", "verify_s"):
+        d["cache_hit_rate"] = round(self.cache_hit_rate, 4)
+        for key in ("elapsed_s", "ttft_s", "draft_wait_s", "verify_s"):
             d[key] = round(d[key], 4)
         return d
 
@@ -128,9 +140,49 @@ def draft_step(cache: KVCache, seq: list[int], k: int, sp: SamplingParams,
     return ids, (torch.stack(qs) if qs else None)
 
 
+class DraftUnavailable(RuntimeError):
+    """The drafter cannot go on (a remote worker died, stalled or refused); decoding continues alone."""
+
+
+class Drafter:
+    """What the loop asks of a drafter, once per round: `propose`, then `feedback`.
+
+    propose(seq, k) -> (d, q): up to k draft tokens after the committed tokens `seq`, and the
+      distributions they were sampled from (q [len(d), V], None = point masses / greedy).
+    feedback(accepted, token, committed): the round's outcome; `committed` = len(seq) + accepted,
+      the prefix that stays valid in any cache.
+    """
+
+    hits = 0
+    misses = 0
+
+    def propose(self, seq: list[int], k: int) -> tuple[list[int], torch.Tensor | None]:
+        raise NotImplementedError
+
+    def feedback(self, accepted: int, token: int, committed: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LocalDrafter(Drafter):
+    """A draft LM in this process, drafting on demand (plain SD)."""
+
+    def __init__(self, lm: LM, sp: SamplingParams, gen: torch.Generator, stop_prob: float = 0.0):
+        self.cache, self.sp, self.gen, self.stop_prob = lm.new_cache(), sp, gen, stop_prob
+
+    def propose(self, seq, k):
+        return draft_step(self.cache, seq, k, self.sp, self.gen, self.stop_prob)
+
+    def feedback(self, accepted, token, committed):
+        if self.cache.length > committed:
+            self.cache.crop(committed)
+
+
 def generate(
     target: LM,
-    draft: LM | None,
+    draft: LM | Drafter | None,
     prompt_ids: list[int],
     max_new_tokens: int = 128,
     sampling: SamplingParams | None = None,
@@ -141,7 +193,10 @@ def generate(
 ) -> Iterator[Chunk]:
     """Stream the target's continuation of `prompt_ids`, one Chunk per round.
 
-    Pass `stats` to read the counters while or after streaming.
+    `draft` is a draft LM (drafted in this process), any `Drafter` (e.g. a remote SSD worker),
+    or None for mode "ar". If the drafter raises DraftUnavailable the sequence finishes as "ar"
+    (still exact) and `stats.fallback` says why. Pass `stats` to read the counters while or after
+    streaming.
     """
     sp = sampling or SamplingParams()
     spec = spec or SpecConfig()
@@ -157,65 +212,84 @@ def generate(
     bad = [t for t in prompt_ids if not 0 <= t < target.vocab_size]
     if bad:
         raise ValueError(f"prompt token ids must be in [0, {target.vocab_size}), got {bad[:5]}")
-    speculate = spec.mode == "sd"
-    if speculate:
-        if draft is None:
-            raise ValueError("mode 'sd' needs a draft model: pass --draft, or use mode 'ar'")
+    if spec.mode != "ar" and draft is None:
+        raise ValueError(f"mode {spec.mode!r} needs a draft model: pass --draft, or use mode 'ar'")
+    if isinstance(draft, LM):
         check_pair(target, draft)
 
     gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(6), "little"))
+    drafter: Drafter | None = None
+    if spec.mode != "ar":
+        drafter = LocalDrafter(draft, sp, gen, spec.stop_prob) if isinstance(draft, LM) else draft
     text = TextStream(target.tokenizer, stop)
     eos = target.eos_ids
     budget = min(max_new_tokens, target.max_len - len(prompt_ids))
     tc = target.new_cache()
-    dc = draft.new_cache() if speculate else None
-    seq = list(prompt_ids)  # committed tokens; tc/dc hold a prefix of them
-    k = (spec.k or spec.k_init) if speculate else 0
+    seq = list(prompt_ids)  # committed tokens; the caches hold a prefix of them
+    k = (spec.k or spec.k_init) if drafter else 0
     st.prompt_tokens = len(prompt_ids)
     t_start = time.perf_counter()
-    while st.new_tokens < budget:
-        kr = min(k, budget - st.new_tokens - 1)  # never draft past the budget
-        # 1. draft k tokens
-        t0 = time.perf_counter()
-        d, q = draft_step(dc, seq, kr, sp, gen, spec.stop_prob) if kr > 0 else ([], None)
-        kr = len(d)
-        t1 = time.perf_counter()
-        # 2. verify: one target forward over the uncached committed tokens + the k drafts
-        logits = tc.forward(seq[tc.length:] + d, keep=kr + 1)  # [kr+1, V]
-        p = warp(logits, sp.temperature, sp.top_k, sp.top_p)  # [kr+1, V]
-        # 3. accept n drafts, then a recovered or bonus token
-        n, t_next = rejection_sample(torch.tensor(d, dtype=torch.long), q, p, gen)
-        st.verify_s += time.perf_counter() - t1
-        st.draft_s += t1 - t0
-        # 4. crop both caches back to the committed prefix seq + d_1..d_n
-        tc.crop(len(seq) + n)
-        if dc is not None and dc.length > len(seq) + n:
-            dc.crop(len(seq) + n)
-        new = d[:n] + [t_next]
-        # 5. emit, cut at EOS / budget / stop string
-        finish = None
-        for i, t in enumerate(new):
-            if t in eos:
-                new, finish = new[: i + 1], "eos"
-                break
-        if st.new_tokens + len(new) >= budget and finish is None:
-            new, finish = new[: budget - st.new_tokens], "length"
-        delta, keep = text.push(new, final=finish is not None)
-        if keep is not None:
-            new, finish = new[: keep - st.new_tokens], "stop"
-        seq += new
-        st.rounds += 1
-        st.draft_tokens += kr
-        st.accepted_tokens += n
-        st.accepted_per_round.append(n)
-        st.new_tokens += len(new)
-        st.elapsed_s = time.perf_counter() - t_start
-        if st.rounds == 1:
-            st.ttft_s = st.elapsed_s
-        if finish:
-            st.finish_reason = finish
-        yield Chunk(token_ids=new, text=delta, finish_reason=finish)
-        if finish:
-            return
-        if speculate and spec.k is None:  # adaptive k: grow on a clean sweep, shrink otherwise
-            k = min(k + 1, spec.k_max) if n == kr else max(k - 1, spec.k_min)
+    try:
+        while st.new_tokens < budget:
+            kr = min(k, budget - st.new_tokens - 1) if drafter else 0  # never draft past the budget
+            # 1. draft up to kr tokens
+            t0 = time.perf_counter()
+            d, q = [], None
+            if kr > 0:
+                try:
+                    d, q = drafter.propose(seq, kr)
+                    d, q = d[:kr], (q[:kr] if q is not None else None)
+                except DraftUnavailable as e:
+                    drafter, st.fallback, kr = None, f"ar after round {st.rounds}: {e}", 0
+            kr = len(d)
+            t1 = time.perf_counter()
+            # 2. verify: one target forward over the uncached committed tokens + the drafts
+            logits = tc.forward(seq[tc.length:] + d, keep=kr + 1)  # [kr+1, V]
+            p = warp(logits, sp.temperature, sp.top_k, sp.top_p)  # [kr+1, V]
+            # 3. accept n drafts, then a recovered or bonus token
+            n, t_next = rejection_sample(torch.tensor(d, dtype=torch.long), q, p, gen)
+            t2 = time.perf_counter()
+            # 4. crop the target cache back to the committed prefix seq + d_1..d_n
+            tc.crop(len(seq) + n)
+            st.verify_s += t2 - t1
+            new = d[:n] + [t_next]
+            # 5. emit, cut at EOS / budget / stop string; tell the drafter the outcome if we go on
+            finish = None
+            for i, t in enumerate(new):
+                if t in eos:
+                    new, finish = new[: i + 1], "eos"
+                    break
+            if st.new_tokens + len(new) >= budget and finish is None:
+                new, finish = new[: budget - st.new_tokens], "length"
+            delta, keep = text.push(new, final=finish is not None)
+            if keep is not None:
+                new, finish = new[: keep - st.new_tokens], "stop"
+            if drafter is not None and kr > 0 and not finish:
+                t3 = time.perf_counter()
+                try:
+                    drafter.feedback(n, t_next, len(seq) + n)  # a draft cache crops to seq + d_1..d_n
+                except DraftUnavailable as e:
+                    drafter, st.fallback = None, f"ar after round {st.rounds + 1}: {e}"
+                st.draft_wait_s += time.perf_counter() - t3
+            st.draft_wait_s += t1 - t0
+            seq += new
+            st.rounds += 1
+            st.draft_tokens += kr
+            st.accepted_tokens += n
+            st.accepted_per_round.append(n)
+            st.new_tokens += len(new)
+            if drafter is not None:
+                st.cache_hits, st.cache_misses = drafter.hits, drafter.misses
+            st.elapsed_s = time.perf_counter() - t_start
+            if st.rounds == 1:
+                st.ttft_s = st.elapsed_s
+            if finish:
+                st.finish_reason = finish
+            yield Chunk(token_ids=new, text=delta, finish_reason=finish)
+            if finish:
+                return
+            if drafter is not None and spec.k is None:  # adaptive k: grow on a clean sweep, else shrink
+                k = min(k + 1, spec.k_max) if n == kr else max(k - 1, spec.k_min)
+    finally:
+        if drafter is not None:
+            drafter.close()

@@ -1,0 +1,352 @@
+"""The draft side of the speculation pipeline.
+
+Three layers, each thin over the one below (grpc's route_guide style):
+
+* `DraftService` -- plain Python. Owns the draft `LM` and the open sequences of ONE stream
+  (seq -> `specserve.engine.ssd.DraftSession`). `handle(TargetMessage) -> [DraftMessage]`
+  applies one message; `speculate(seq)` runs the session's speculation after its proposal went
+  out. Anything a message gets wrong becomes an `Error` for that sequence, never an exception.
+* `serve_stream(service, inbox)` -- the per-stream loop, a generator of DraftMessages. It answers
+  waiting messages first; when none is waiting it speculates for one sequence whose proposal is
+  out and whose outcome has not arrived. So speculation runs exactly between "proposal sent" and
+  "outcome received", and a sequence whose outcome is already waiting skips it.
+* `SpeculationServicer` / `serve` / `run_draft_worker` -- gRPC: per stream, a reader thread moves
+  incoming messages into the inbox, a worker thread runs `serve_stream` and hands its replies to
+  the response generator (so speculation starts as soon as a proposal is queued for sending).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from typing import Iterable, Iterator
+
+import grpc
+
+from ..engine.models import LM, load_model, set_threads
+from ..engine.ssd import DraftSession, StaleRound
+from ..v1 import speculation_pb2_grpc as pb_grpc
+from .wire import error_message, message_seq, pb, proposal_message, session_kwargs
+
+__all__ = ["DraftService", "Inbox", "serve_stream", "SpeculationServicer", "serve", "run_draft_worker",
+           "SERVER_OPTIONS"]
+
+log = logging.getLogger(__name__)
+
+E = pb.Error  # E.INVALID_ARGUMENT, E.STALE_ROUND, E.UNKNOWN_SEQUENCE, E.INTERNAL
+
+# Let clients keep idle connections alive with pings (see remote_drafter.CHANNEL_OPTIONS).
+SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+def _version() -> str:
+    """specserve's version (also when `specserve` resolved as a namespace package)."""
+    import importlib.metadata
+
+    import specserve
+
+    try:
+        return getattr(specserve, "__version__", None) or importlib.metadata.version("specserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def info_reply(lm: LM) -> pb.InfoReply:
+    return pb.InfoReply(model=lm.name, vocab_size=lm.vocab_size, version=_version(), dtype=lm.dtype,
+                        quantization=lm.quantization or "", eos_ids=sorted(lm.eos_ids))
+
+
+class DraftService:
+    """The open sequences of one speculation stream, driven one message at a time."""
+
+    def __init__(self, lm: LM):
+        self.lm = lm
+        self.sessions: dict[str, DraftSession] = {}
+        self.started = 0
+        self.errors = 0
+        self._closed_hits = 0
+        self._closed_misses = 0
+
+    # ------------------------------------------------------------------ messages
+
+    def handle(self, msg: pb.TargetMessage) -> list[pb.DraftMessage]:
+        """Apply one message; return what to send back (a Proposal, an Error, or nothing)."""
+        kind = msg.WhichOneof("kind")
+        seq = message_seq(msg)
+        try:
+            if kind == "start":
+                return [self._start(msg.start)]
+            if kind == "outcome":
+                return [self._outcome(msg.outcome)]
+            if kind == "stop":
+                self._drop(seq)
+                return []
+            return [self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop")]
+        except Exception as exc:  # a bug or a failed forward: close this sequence, keep the stream
+            log.exception("draft failed on %s for sequence %r", kind, seq)
+            self._drop(seq)
+            return [self._error(seq, E.INTERNAL, f"draft failed: {type(exc).__name__}: {exc}; "
+                                                 "the sequence is closed: Start it again or decode without the draft")]
+
+    def speculate(self, seq: str) -> list[pb.DraftMessage]:
+        """Run speculation for `seq` (after its proposal was sent). Returns [] or [Error INTERNAL]."""
+        session = self.sessions.get(seq)
+        if session is None:
+            return []
+        try:
+            session.speculate()
+            return []
+        except Exception as exc:
+            log.exception("speculation failed for sequence %r", seq)
+            self._drop(seq)
+            return [self._error(seq, E.INTERNAL, f"speculation failed: {type(exc).__name__}: {exc}; "
+                                                 "the sequence is closed: Start it again or decode without the draft")]
+
+    def close(self) -> None:
+        """Free every open sequence (the stream ended)."""
+        for seq in list(self.sessions):
+            self._drop(seq)
+
+    @property
+    def hits(self) -> int:
+        return self._closed_hits + sum(s.hits for s in list(self.sessions.values()))
+
+    @property
+    def misses(self) -> int:
+        return self._closed_misses + sum(s.misses for s in list(self.sessions.values()))
+
+    def stats(self) -> dict:
+        return {"open": len(self.sessions), "started": self.started, "errors": self.errors,
+                "hits": self.hits, "misses": self.misses}
+
+    # ------------------------------------------------------------------ internals
+
+    def _start(self, m: pb.Start) -> pb.DraftMessage:
+        if not m.seq:
+            return self._error("", E.INVALID_ARGUMENT, "Start.seq is empty: give every sequence an id")
+        if m.seq in self.sessions:
+            return self._error(m.seq, E.INVALID_ARGUMENT,
+                               f"sequence {m.seq!r} is already open on this stream: Stop it first or use a new id")
+        prompt = list(m.prompt_ids)
+        try:
+            kwargs = session_kwargs(m.params)
+        except ValueError as exc:
+            return self._error(m.seq, E.INVALID_ARGUMENT, f"bad SpecParams: {exc}")
+        t0 = time.perf_counter()
+        try:
+            session = DraftSession(self.lm, prompt, **kwargs)  # validates prompt, k, fanout, ...
+        except ValueError as exc:
+            return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
+        self.sessions[m.seq] = session
+        self.started += 1
+        prop = session.first_proposal()
+        return proposal_message(m.seq, prop, time.perf_counter() - t0)
+
+    def _outcome(self, m: pb.Outcome) -> pb.DraftMessage:
+        session = self.sessions.get(m.seq)
+        if session is None:
+            return self._error(m.seq, E.UNKNOWN_SEQUENCE,
+                               f"no open sequence {m.seq!r} on this stream (never started, stopped, or closed "
+                               "after an error): send Start first")
+        t0 = time.perf_counter()
+        try:
+            prop = session.on_outcome(int(m.round), int(m.accepted), int(m.token))  # validates them
+        except StaleRound as exc:
+            return self._error(m.seq, E.STALE_ROUND, str(exc))
+        except ValueError as exc:
+            return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
+        return proposal_message(m.seq, prop, time.perf_counter() - t0)
+
+    def _drop(self, seq: str) -> None:
+        session = self.sessions.pop(seq, None)
+        if session is not None:
+            self._closed_hits += session.hits
+            self._closed_misses += session.misses
+
+    def _error(self, seq: str, code: int, message: str) -> pb.DraftMessage:
+        self.errors += 1
+        return error_message(seq, code, message)
+
+
+# ---------------------------------------------------------------------- the stream loop
+
+class Inbox:
+    """Incoming messages of one stream; `close()` ends it after the messages already in."""
+
+    CLOSED = object()
+
+    def __init__(self):
+        self._q: queue.Queue = queue.Queue()
+
+    def put(self, msg: pb.TargetMessage) -> None:
+        self._q.put(msg)
+
+    def close(self) -> None:
+        self._q.put(Inbox.CLOSED)
+
+    def get(self, block: bool) -> pb.TargetMessage | None | object:
+        """The next message; None when not blocking and nothing is waiting; Inbox.CLOSED at the end."""
+        try:
+            return self._q.get(block=block)
+        except queue.Empty:
+            return None
+
+
+def serve_stream(service: DraftService, inbox: Inbox) -> Iterator[pb.DraftMessage]:
+    """Yield the replies to the inbox's messages, speculating while no message is waiting.
+
+    Pending speculation is kept in send order; a message for a sequence cancels its pending
+    speculation (its outcome is here: the session answers it as a cache miss).
+    """
+    pending: dict[str, None] = {}  # ordered set: proposals sent, speculation not run yet
+    try:
+        while True:
+            msg = inbox.get(block=not pending)
+            if msg is Inbox.CLOSED:
+                return
+            if msg is None:  # nothing waiting: speculate for the oldest sent proposal
+                seq = next(iter(pending))
+                del pending[seq]
+                yield from service.speculate(seq)
+                continue
+            pending.pop(message_seq(msg), None)
+            for out in service.handle(msg):
+                yield out
+                if out.WhichOneof("kind") == "proposal":
+                    pending[out.proposal.seq] = None
+    finally:
+        service.close()
+
+
+def _pump(requests: Iterable[pb.TargetMessage], inbox: Inbox) -> None:
+    """Reader thread: move the request stream into the inbox, then close it."""
+    try:
+        for msg in requests:
+            inbox.put(msg)
+    except Exception as exc:  # cancelled or broken stream: the loop ends after what is in
+        log.debug("speculation stream reader ended: %s", exc)
+    finally:
+        inbox.close()
+
+
+_DONE = object()
+
+
+class SpeculationServicer(pb_grpc.SpeculationServicer):
+    """gRPC glue: one `DraftService` and one `serve_stream` loop (its own thread) per Stream call."""
+
+    def __init__(self, lm: LM):
+        self.lm = lm
+        self.streams = 0  # Stream calls so far
+        self._live: set[DraftService] = set()
+        self._done = {"started": 0, "errors": 0, "hits": 0, "misses": 0}
+        self._lock = threading.Lock()
+
+    def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
+        return info_reply(self.lm)
+
+    def Stream(self, request_iterator, context) -> Iterator[pb.DraftMessage]:
+        service = DraftService(self.lm)
+        with self._lock:
+            self.streams += 1
+            self._live.add(service)
+            n = self.streams
+        inbox, outbox = Inbox(), queue.Queue()
+        context.add_callback(inbox.close)  # the RPC ended (cancelled, deadline, client gone)
+        threading.Thread(target=_pump, args=(request_iterator, inbox), daemon=True,
+                         name=f"speculation-reader-{n}").start()
+        threading.Thread(target=self._work, args=(service, inbox, outbox), daemon=True,
+                         name=f"speculation-worker-{n}").start()
+        while (msg := outbox.get()) is not _DONE:
+            yield msg
+
+    def _work(self, service: DraftService, inbox: Inbox, outbox: queue.Queue) -> None:
+        """Worker thread of one stream: run `serve_stream`, hand each reply to the response generator.
+
+        Handing over (not yielding to gRPC) lets speculation start the moment a proposal is
+        queued instead of after gRPC has finished sending it, when the outcome may be back.
+        """
+        try:
+            for msg in serve_stream(service, inbox):
+                outbox.put(msg)
+        except Exception:  # pragma: no cover - handle/speculate turn failures into Errors
+            log.exception("speculation stream worker failed")
+        finally:
+            outbox.put(_DONE)
+            with self._lock:
+                self._live.discard(service)
+                stats = service.stats()
+                for key in self._done:
+                    self._done[key] += stats[key]
+
+    def stats(self) -> dict:
+        """Counters over all streams: open streams and sequences, Starts, Errors, cache hits/misses."""
+        with self._lock:
+            live = [s.stats() for s in self._live]
+            out = {"streams": self.streams, "streams_open": len(live), "sequences_open": sum(s["open"] for s in live)}
+            for key, done in self._done.items():
+                out[key] = done + sum(s[key] for s in live)
+        return out
+
+
+# ---------------------------------------------------------------------- serving
+
+def serve(lm: LM, port: int = 0, threads: int | None = None, host: str = "127.0.0.1",
+          max_streams: int = 16) -> grpc.Server:
+    """Start the speculation gRPC server for `lm` on host:port (0 = a free port).
+
+    threads: torch intra-op threads of this process (None = leave as is). Each open stream holds
+    one of `max_streams` server threads. The started server gets two attributes: `address`
+    ("host:port", the port actually bound) and `servicer` (its `stats()` counts streams,
+    sequences and speculation cache hits).
+    """
+    set_threads(threads)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams + 2,
+                                                    thread_name_prefix="speculation"),
+                         options=SERVER_OPTIONS)
+    servicer = SpeculationServicer(lm)
+    pb_grpc.add_SpeculationServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the speculation server to {host}:{port}")
+    server.start()
+    server.address = f"{host}:{bound}"
+    server.servicer = servicer
+    return server
+
+
+def run_draft_worker(model: str, port: int = 0, threads: int | None = None, dtype: str = "float32",
+                     quantize: str | None = None, host: str = "127.0.0.1", max_streams: int = 16) -> int:
+    """`specserve draft-worker`: load the draft, serve it, print `LISTENING host:port`, block.
+
+    Runs until SIGINT/SIGTERM (or the server stops); returns the exit code 0.
+    """
+    lm = load_model(model, dtype=dtype, threads=threads, quantize=quantize, tokenizer=False)
+    server = serve(lm, port=port, threads=threads, host=host, max_streams=max_streams)
+    print(f"draft {lm.name}: vocab {lm.vocab_size}, {lm.dtype}"
+          f"{', ' + lm.quantization if lm.quantization else ''}, loaded in {lm.load_s:.1f} s",
+          file=sys.stderr, flush=True)
+    print(f"LISTENING {server.address}", flush=True)
+    stopped = threading.Event()
+
+    def _stop(signum, frame):
+        stopped.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _stop)
+    try:
+        while not stopped.wait(0.5):
+            pass
+    finally:
+        server.stop(grace=1.0).wait()
+    return 0

@@ -1,0 +1,292 @@
+"""The target side of the speculation pipeline: many sequences over ONE gRPC stream to a draft.
+
+`DraftClient(address)` opens one bidirectional stream. A background thread reads the draft's
+replies and routes each to its sequence's queue; `start`, `outcome` and `stop` may be called
+from many threads at once, one thread per sequence. Every call has a deadline: a late reply, a
+dead draft or a broken stream raises `DraftUnavailable` (the target then decodes on its own),
+an `Error` reply raises its subclass `DraftError`. After the stream breaks, the next `start`
+opens a new one (sequences of the old stream are gone: their calls keep raising).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from ..engine.speculative import Drafter, DraftUnavailable
+from ..engine.ssd import Proposal
+from ..v1 import speculation_pb2_grpc as pb_grpc
+from .wire import message_seq, pb, proposal_fields, spec_params
+
+__all__ = ["DraftClient", "DraftInfo", "RemoteProposal", "RemoteDrafter", "DraftUnavailable", "DraftError",
+           "CHANNEL_OPTIONS"]
+
+log = logging.getLogger(__name__)
+
+# Ping an idle connection so a vanished draft host is noticed even between calls.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class DraftError(DraftUnavailable):
+    """The draft answered a sequence's message with an Error (code: its name, e.g. 'STALE_ROUND')."""
+
+    def __init__(self, seq: str, code: str, message: str):
+        super().__init__(f"draft error {code} for sequence {seq!r}: {message}")
+        self.seq, self.code, self.detail = seq, code, message
+
+
+@dataclass
+class RemoteProposal(Proposal):
+    """The engine's Proposal (q_ids/q_probs as lists, None when greedy) plus the draft's time."""
+
+    draft_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class DraftInfo:
+    model: str
+    vocab_size: int
+    version: str
+    dtype: str
+    quantization: str | None
+    eos_ids: tuple[int, ...]
+
+
+_BROKEN = object()
+_END = object()
+
+
+class _Stream:
+    """One open Stream call: the outgoing queue, the reply reader and the per-seq queues."""
+
+    def __init__(self, stub: pb_grpc.SpeculationStub, name: str):
+        self.out: queue.Queue = queue.Queue()
+        self.queues: dict[str, queue.Queue] = {}
+        self.lock = threading.Lock()
+        self.broken: str | None = None
+        self.call = stub.Stream(self._requests())
+        self.reader = threading.Thread(target=self._read, daemon=True, name=name)
+        self.reader.start()
+
+    def _requests(self):
+        while True:
+            msg = self.out.get()
+            if msg is _END:
+                return
+            yield msg
+
+    def _read(self) -> None:
+        reason = "the draft closed the stream"
+        try:
+            for msg in self.call:
+                seq = message_seq(msg)
+                with self.lock:
+                    q = self.queues.get(seq)
+                if q is not None:
+                    q.put(msg)
+                elif msg.WhichOneof("kind") == "error":
+                    log.warning("draft error for no open sequence %r: %s", seq, msg.error.message)
+        except grpc.RpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+        except Exception as exc:  # pragma: no cover - defensive: never leave waiters hanging
+            reason = f"{type(exc).__name__}: {exc}"
+        with self.lock:
+            self.broken = reason
+            waiting = list(self.queues.values())
+        for q in waiting:
+            q.put(_BROKEN)
+
+    def send(self, msg: pb.TargetMessage) -> None:
+        self.out.put(msg)
+
+    def close(self) -> None:
+        self.out.put(_END)
+        self.call.cancel()
+
+
+class DraftClient:
+    """Multiplexes sequences over one speculation stream to the draft at `address`.
+
+    timeout: the default deadline in seconds of every call (start includes the draft's prefill).
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, address: str, timeout: float = 10.0):
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.SpeculationStub(self._channel)
+        self._lock = threading.Lock()
+        self._stream: _Stream | None = None
+        self._seqs: dict[str, _Stream] = {}  # open sequence -> the stream it lives on
+        self._closed = False
+
+    # ------------------------------------------------------------------ API
+
+    def info(self, timeout: float | None = None) -> DraftInfo:
+        """What the draft serves (check `vocab_size` against the target's before streaming)."""
+        try:
+            r = self._stub.Info(pb.InfoRequest(), timeout=self._t(timeout))
+        except grpc.RpcError as exc:
+            raise DraftUnavailable(f"draft at {self.address} did not answer Info: "
+                                   f"{exc.code().name}: {exc.details()}") from None
+        return DraftInfo(r.model, r.vocab_size, r.version, r.dtype, r.quantization or None, tuple(r.eos_ids))
+
+    def check_vocab(self, vocab_size: int, timeout: float | None = None) -> DraftInfo:
+        """Info, raising ValueError when the draft's vocabulary differs from `vocab_size`."""
+        info = self.info(timeout)
+        if info.vocab_size != vocab_size:
+            raise ValueError(f"draft at {self.address} ({info.model}) has a vocabulary of {info.vocab_size} "
+                             f"tokens but the target has {vocab_size}: use a draft of the same model family")
+        return info
+
+    def start(self, seq: str, prompt_ids: list[int], params: pb.SpecParams | dict | None = None,
+              timeout: float | None = None) -> RemoteProposal:
+        """Open sequence `seq` with its committed tokens; return the round-0 proposal.
+
+        params: a SpecParams message, a dict of `wire.spec_params` arguments, or None (defaults).
+        """
+        if isinstance(params, dict):
+            params = spec_params(**params)
+        with self._lock:
+            if self._closed:
+                raise DraftUnavailable("the DraftClient is closed")
+            if seq in self._seqs:
+                raise ValueError(f"sequence {seq!r} is already open: stop it first or use a new id")
+            stream = self._stream
+            if stream is None or stream.broken is not None:
+                if stream is not None:
+                    stream.close()
+                stream = self._stream = _Stream(self._stub, f"draft-client-{next(self._ids)}")
+            self._seqs[seq] = stream
+        with stream.lock:
+            stream.queues[seq] = queue.Queue()
+        stream.send(pb.TargetMessage(start=pb.Start(seq=seq, prompt_ids=[int(t) for t in prompt_ids],
+                                                    params=params)))
+        return self._wait(stream, seq, 0, self._t(timeout))
+
+    def outcome(self, seq: str, round: int, accepted: int, token: int,
+                timeout: float | None = None) -> RemoteProposal:
+        """Report round `round`'s verification (`accepted` drafts, then `token`); return round + 1."""
+        stream = self._seqs.get(seq)
+        if stream is None:
+            raise ValueError(f"sequence {seq!r} is not open on this client: start it first")
+        stream.send(pb.TargetMessage(outcome=pb.Outcome(seq=seq, round=int(round), accepted=int(accepted),
+                                                        token=int(token))))
+        return self._wait(stream, seq, int(round) + 1, self._t(timeout))
+
+    def stop(self, seq: str) -> None:
+        """Close sequence `seq` on the draft (best effort; never raises, unknown ids are ignored)."""
+        with self._lock:
+            stream = self._seqs.pop(seq, None)
+        if stream is None:
+            return
+        with stream.lock:
+            stream.queues.pop(seq, None)
+        if stream.broken is None:
+            stream.send(pb.TargetMessage(stop=pb.Stop(seq=seq)))
+
+    def close(self) -> None:
+        """End the stream and the channel; later calls raise DraftUnavailable."""
+        with self._lock:
+            self._closed = True
+            stream, self._stream = self._stream, None
+            self._seqs.clear()
+        if stream is not None:
+            stream.close()
+        self._channel.close()
+
+    def __enter__(self) -> "DraftClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _t(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    def _wait(self, stream: _Stream, seq: str, round: int, timeout: float) -> RemoteProposal:
+        with stream.lock:
+            q = stream.queues.get(seq)
+            broken = stream.broken
+        if q is None:
+            raise ValueError(f"sequence {seq!r} is not open on this client: start it first")
+        if broken is not None:
+            raise DraftUnavailable(f"the speculation stream to {self.address} broke: {broken}")
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise queue.Empty
+                item = q.get(timeout=left)
+            except queue.Empty:
+                raise DraftUnavailable(f"no proposal for sequence {seq!r} round {round} from the draft at "
+                                       f"{self.address} within {timeout:.3g} s") from None
+            if item is _BROKEN:
+                raise DraftUnavailable(f"the speculation stream to {self.address} broke: {stream.broken}")
+            if item.WhichOneof("kind") == "error":
+                e = item.error
+                raise DraftError(seq, pb.Error.Code.Name(e.code), e.message)
+            if item.proposal.round != round:  # a late answer to a call that already timed out
+                continue
+            return RemoteProposal(**proposal_fields(item.proposal), draft_s=item.proposal.draft_s)
+
+
+class RemoteDrafter(Drafter):
+    """One sequence of the engine's loop, drafted by a remote SSD worker behind a DraftClient.
+
+    The worker owns k, fan-out and speculation (it must know them before the outcome arrives);
+    the loop verifies whatever prefix of each proposal fits its budget. `feedback` reports the
+    outcome and waits for the next proposal: a cache hit answers at once, a miss after a
+    just-in-time draft. Every wait has a deadline; a late or broken draft raises DraftUnavailable
+    and the loop finishes the sequence alone.
+    """
+
+    def __init__(self, client: DraftClient, prompt_ids: list[int], vocab_size: int, params: pb.SpecParams,
+                 timeout: float | None = None):
+        import uuid
+
+        self.client, self.prompt, self.V, self.params = client, [int(t) for t in prompt_ids], vocab_size, params
+        self.seq = uuid.uuid4().hex
+        self.timeout = timeout
+        self.prop: RemoteProposal | None = None
+        self.hits = self.misses = 0
+        self.draft_s = 0.0  # worker-side drafting time of the proposals we used
+
+    def propose(self, seq, k):
+        if self.prop is None:
+            self.prop = self.client.start(self.seq, self.prompt, self.params, timeout=self.timeout)
+            self.draft_s += self.prop.draft_s
+        d = list(self.prop.token_ids)
+        if not self.prop.q_ids:
+            return d, None
+        q = torch.zeros(len(d), self.V)  # dense rows of the sparse proposals q'
+        for i, (ids, probs) in enumerate(zip(self.prop.q_ids, self.prop.q_probs)):
+            q[i, torch.tensor(ids, dtype=torch.long)] = torch.tensor(probs, dtype=torch.float32)
+        return d, q
+
+    def feedback(self, accepted, token, committed):
+        prop = self.client.outcome(self.seq, self.prop.round, accepted, token, timeout=self.timeout)
+        self.hits += prop.cache_hit
+        self.misses += not prop.cache_hit
+        self.draft_s += prop.draft_s
+        self.prop = prop
+
+    def close(self):
+        self.client.stop(self.seq)

@@ -1,0 +1,144 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TargetMessage(_message.Message):
+    __slots__ = ("start", "outcome", "stop")
+    START_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    start: Start
+    outcome: Outcome
+    stop: Stop
+    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ...) -> None: ...
+
+class Start(_message.Message):
+    __slots__ = ("seq", "prompt_ids", "params")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    seq: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    params: SpecParams
+    def __init__(self, seq: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SpecParams, _Mapping]] = ...) -> None: ...
+
+class SpecParams(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "k", "fanout", "speculate", "seed", "q_top", "stop_prob", "max_new_tokens")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FANOUT_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    Q_TOP_FIELD_NUMBER: _ClassVar[int]
+    STOP_PROB_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    k: int
+    fanout: _containers.RepeatedScalarFieldContainer[int]
+    speculate: bool
+    seed: int
+    q_top: int
+    stop_prob: float
+    max_new_tokens: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., k: _Optional[int] = ..., fanout: _Optional[_Iterable[int]] = ..., speculate: _Optional[bool] = ..., seed: _Optional[int] = ..., q_top: _Optional[int] = ..., stop_prob: _Optional[float] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+
+class Outcome(_message.Message):
+    __slots__ = ("seq", "round", "accepted", "token")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    seq: str
+    round: int
+    accepted: int
+    token: int
+    def __init__(self, seq: _Optional[str] = ..., round: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
+
+class Stop(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: str
+    def __init__(self, seq: _Optional[str] = ...) -> None: ...
+
+class DraftMessage(_message.Message):
+    __slots__ = ("proposal", "error")
+    PROPOSAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    proposal: Proposal
+    error: Error
+    def __init__(self, proposal: _Optional[_Union[Proposal, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class Proposal(_message.Message):
+    __slots__ = ("seq", "round", "token_ids", "q", "cache_hit", "draft_s")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_S_FIELD_NUMBER: _ClassVar[int]
+    seq: str
+    round: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    q: _containers.RepeatedCompositeFieldContainer[SparseDist]
+    cache_hit: bool
+    draft_s: float
+    def __init__(self, seq: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., cache_hit: _Optional[bool] = ..., draft_s: _Optional[float] = ...) -> None: ...
+
+class SparseDist(_message.Message):
+    __slots__ = ("ids", "probs")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PROBS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    probs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("seq", "code", "message")
+    class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CODE_UNSPECIFIED: _ClassVar[Error.Code]
+        INVALID_ARGUMENT: _ClassVar[Error.Code]
+        STALE_ROUND: _ClassVar[Error.Code]
+        UNKNOWN_SEQUENCE: _ClassVar[Error.Code]
+        INTERNAL: _ClassVar[Error.Code]
+    CODE_UNSPECIFIED: Error.Code
+    INVALID_ARGUMENT: Error.Code
+    STALE_ROUND: Error.Code
+    UNKNOWN_SEQUENCE: Error.Code
+    INTERNAL: Error.Code
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    seq: str
+    code: Error.Code
+    message: str
+    def __init__(self, seq: _Optional[str] = ..., code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoReply(_message.Message):
+    __slots__ = ("model", "vocab_size", "version", "dtype", "quantization", "eos_ids")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    EOS_IDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    vocab_size: int
+    version: str
+    dtype: str
+    quantization: str
+    eos_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., version: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., eos_ids: _Optional[_Iterable[int]] = ...) -> None: ...

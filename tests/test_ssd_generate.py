@@ -1,0 +1,92 @@
+"""`generate` in mode ssd: the engine's own loop, the draft behind a real gRPC speculation stream."""
+
+import pytest
+import torch
+
+from specserve.engine.models import LM
+from specserve.engine.sampling import SamplingParams
+from specserve.engine.speculative import SpecConfig, Stats, generate
+from specserve.engine.tiny import tiny_model
+from specserve.pipeline.draft_server import serve
+from specserve.pipeline.local_worker import LocalWorker
+from specserve.pipeline.remote_drafter import DraftClient, RemoteDrafter
+from specserve.pipeline.wire import spec_params
+
+from test_engine import V, chi2_pvalue, exact_two_token_law
+
+PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time, in a land far away, there"]
+
+
+@pytest.fixture(scope="module")
+def clients(tiny):
+    """One in-process draft server per tiny draft, and a client for each."""
+    servers = {name: serve(tiny[name], port=0) for name in ("draft-same", "draft-random")}
+    cls = {name: DraftClient(s.address, timeout=20) for name, s in servers.items()}
+    yield cls
+    for c in cls.values():
+        c.close()
+    for s in servers.values():
+        s.stop(grace=None)
+
+
+def ssd(target, client, ids, n=40, k=4, sp=SamplingParams(), speculate=True, seed=0, stats=None):
+    params = spec_params(sp.temperature, sp.top_k, sp.top_p, k=k, speculate=speculate, seed=seed, max_new_tokens=n)
+    drafter = RemoteDrafter(client, ids, target.vocab_size, params)
+    st = stats if stats is not None else Stats()
+    out = [t for c in generate(target, drafter, ids, n, sp, SpecConfig(mode="ssd", k=k), seed, (), st)
+           for t in c.token_ids]
+    return out, st
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("draft_name", ["draft-same", "draft-random"])
+def test_ssd_greedy_is_token_identical_to_ar(tiny, clients, k, draft_name):
+    target, tok = tiny["target"], tiny["target"].tokenizer
+    for p in PROMPTS:
+        ids = tok(p)["input_ids"]
+        ar = [t for c in generate(target, None, ids, 40, spec=SpecConfig(mode="ar")) for t in c.token_ids]
+        out, st = ssd(target, clients[draft_name], ids, k=k)
+        assert out == ar
+        assert st.cache_hits + st.cache_misses == st.rounds - 1 or st.finish_reason != "length"
+        if draft_name == "draft-same":
+            assert st.acceptance_rate == 1.0 and st.cache_hit_rate > 0.8
+        out, st = ssd(target, clients[draft_name], ids, k=k, speculate=False)
+        assert out == ar and st.cache_hits == 0
+
+
+def test_ssd_sampling_matches_the_target_law():
+    """Temperature 1, tiny vocabulary: the first two tokens under ssd follow the target's exact law."""
+    target = LM(tiny_model(V, seed=1, init_std=0.5))
+    draft = LM(tiny_model(V, seed=2, layers=1, init_std=0.5))
+    server = serve(draft, port=0)
+    sp = SamplingParams(1.0)
+    try:
+        with DraftClient(server.address, timeout=20) as client:
+            counts = torch.zeros(V * V)
+            for seed in range(800):
+                out, _ = ssd(target, client, [1, 2, 3], n=3, k=2, sp=sp, seed=seed)
+                counts[out[0] * V + out[1]] += 1
+    finally:
+        server.stop(grace=None)
+    assert chi2_pvalue(counts, exact_two_token_law(target.model, [1, 2, 3], sp)) > 1e-3
+
+
+def test_killed_worker_falls_back_and_stays_exact(tiny, tiny_dir):
+    target, tok = tiny["target"], tiny["target"].tokenizer
+    ids = tok(PROMPTS[0])["input_ids"]
+    ar = [t for c in generate(target, None, ids, 60, spec=SpecConfig(mode="ar")) for t in c.token_ids]
+    worker = LocalWorker(str(tiny_dir / "draft-same"), quantize=None)
+    try:
+        client = DraftClient(worker.address, timeout=5)
+        drafter = RemoteDrafter(client, ids, target.vocab_size, spec_params(k=2, max_new_tokens=60))
+        st, out = Stats(), []
+        for i, chunk in enumerate(generate(target, drafter, ids, 60, spec=SpecConfig(mode="ssd", k=2), stats=st)):
+            out += chunk.token_ids
+            if i == 2:
+                worker.proc.kill()
+                worker.proc.wait()
+        client.close()
+    finally:
+        worker.close()
+    assert out == ar
+    assert st.fallback.startswith("ar after round") and st.draft_tokens > 0
