@@ -59,6 +59,8 @@ class Record:
     draft_wait_s: float = 0.0
     verify_s: float = 0.0
     accepted_per_round: list[int] = field(default_factory=list)
+    drafted_per_round: list[int] = field(default_factory=list)
+    hit_per_round: list[int] = field(default_factory=list)
     cache_hits: int = 0
     cache_misses: int = 0
     fallback: str = ""
@@ -121,7 +123,8 @@ def _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client=None, fan
                           seed, (), st):
         toks += chunk.token_ids
     return Record("", mode, len(ids), st.new_tokens, st.elapsed_s, st.rounds, st.draft_tokens,
-                  st.accepted_tokens, st.draft_wait_s, st.verify_s, st.accepted_per_round, token_ids=toks,
+                  st.accepted_tokens, st.draft_wait_s, st.verify_s, st.accepted_per_round,
+                  drafted_per_round=st.drafted_per_round, hit_per_round=st.hit_per_round, token_ids=toks,
                   cache_hits=st.cache_hits, cache_misses=st.cache_misses, fallback=st.fallback)
 
 

@@ -83,6 +83,14 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep-gguf", action="store_true", help="keep the joined GGUF files")
     msub.add_parser("list", help="show prepared models")
 
+    si = sub.add_parser("simulate", help="replay bench traces under a cost model (e.g. separate GPUs)")
+    si.add_argument("results", help="a `specserve bench --out` JSON file")
+    si.add_argument("--verify-ms", type=float, default=20.0, help="target forward, ms (default 20)")
+    si.add_argument("--draft-ms", type=float, default=1.5, help="draft step, ms (default 1.5)")
+    si.add_argument("--net-ms", type=float, default=0.1, help="target <-> draft round trip, ms (default 0.1)")
+    si.add_argument("--spec-factor", type=float, default=1.2,
+                    help="cost of a batched branch step relative to a plain draft step (default 1.2)")
+
     w = sub.add_parser("draft-worker", help="serve a draft model on the gRPC speculation stream (SSD)")
     w.add_argument("--model", required=True, help="draft model: a directory, a prepared name or a hub id")
     w.add_argument("--port", type=int, default=50061, help="port to listen on (0 = any free port; default 50061)")
@@ -333,6 +341,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from .simulate import CostModel, format_simulation, load, simulate
+
+    try:
+        cost = CostModel(args.verify_ms, args.draft_ms, args.net_ms, args.spec_factor)
+        print(format_simulation(simulate(load(args.results), cost), cost))
+    except ValueError as e:
+        msg = str(e)
+        for name in ("verify_ms", "draft_ms", "net_ms", "spec_factor"):
+            msg = msg.replace(name, "--" + name.replace("_", "-"))
+        raise UsageError(msg) from None
+    return 0
+
+
 def cmd_draft_worker(args) -> int:
     from .pipeline.draft_server import run_draft_worker
 
@@ -354,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.cmd == "draft-worker":
             return cmd_draft_worker(args)
+        if args.cmd == "simulate":
+            return cmd_simulate(args)
     except UsageError as e:
         print(f"specserve: error: {e}", file=sys.stderr)
         return 2

@@ -81,6 +81,8 @@ class Stats:
     fallback: str = ""  # why the drafter was dropped mid-sequence (the rest ran as ar), if it was
     finish_reason: str = ""
     accepted_per_round: list[int] = field(default_factory=list)
+    drafted_per_round: list[int] = field(default_factory=list)
+    hit_per_round: list[int] = field(default_factory=list)  # ssd: 1 if this round's proposal came from the cache
 
     @property
     def acceptance_rate(self) -> float:
@@ -98,7 +100,8 @@ class Stats:
     def to_dict(self, trace: bool = False) -> dict:
         d = asdict(self)
         if not trace:
-            d.pop("accepted_per_round")
+            for key in ("accepted_per_round", "drafted_per_round", "hit_per_round"):
+                d.pop(key)
         d["acceptance_rate"] = round(self.acceptance_rate, 4)
         d["tokens_per_s"] = round(self.tokens_per_s, 3)
         d["cache_hit_rate"] = round(self.cache_hit_rate, 4)
@@ -155,6 +158,7 @@ class Drafter:
 
     hits = 0
     misses = 0
+    last_hit = False  # whether the proposal of the current round came from a speculation cache
 
     def propose(self, seq: list[int], k: int) -> tuple[list[int], torch.Tensor | None]:
         raise NotImplementedError
@@ -264,6 +268,8 @@ def generate(
             delta, keep = text.push(new, final=finish is not None)
             if keep is not None:
                 new, finish = new[: keep - st.new_tokens], "stop"
+            st.drafted_per_round.append(kr)
+            st.hit_per_round.append(int(kr > 0 and drafter is not None and drafter.last_hit))
             if drafter is not None and kr > 0 and not finish:
                 t3 = time.perf_counter()
                 try:

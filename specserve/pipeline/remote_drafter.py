@@ -285,6 +285,7 @@ class RemoteDrafter(Drafter):
         prop = self.client.outcome(self.seq, self.prop.round, accepted, token, timeout=self.timeout)
         self.hits += prop.cache_hit
         self.misses += not prop.cache_hit
+        self.last_hit = bool(prop.cache_hit)
         self.draft_s += prop.draft_s
         self.prop = prop
 
