@@ -18,11 +18,12 @@ This module knows models, prompts and clocks; it does not know about servers.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ class Prompt:
 
 @dataclass
 class Record:
-    """One (prompt, mode) run."""
+    """One (prompt, mode) run; fields named like `Stats` fields are copied from the run's Stats."""
 
     prompt_id: str
     mode: str
@@ -101,11 +102,7 @@ def load_prompts(spec: str, n: int) -> list[Prompt]:
     return out[:n]
 
 
-def encode(tok, p: Prompt) -> list[int]:
-    if p.chat and getattr(tok, "chat_template", None):
-        return list(tok.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False))
-    return tok(p.text)["input_ids"]
+_FROM_STATS = [f.name for f in fields(Record) if f.name in {g.name for g in fields(Stats)}]
 
 
 def _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client=None, fanout=None) -> Record:
@@ -114,18 +111,13 @@ def _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client=None, fan
     drafter = draft if mode == "sd" else None
     if mode.startswith("ssd"):
         from .pipeline.remote_drafter import RemoteDrafter
-        from .pipeline.wire import spec_params
 
-        params = spec_params(sp.temperature, sp.top_k, sp.top_p, k=k or 4, fanout=fanout,
-                             speculate=mode == "ssd", seed=seed or 0, max_new_tokens=max_new)
-        drafter = RemoteDrafter(client, ids, target.vocab_size, params)
+        drafter = RemoteDrafter(client, ids, target.vocab_size, sp, k, fanout, speculate=mode == "ssd",
+                                seed=seed, max_new_tokens=max_new)
     for chunk in generate(target, drafter, ids, max_new, sp, SpecConfig(mode=mode.split("-")[0], k=k),
                           seed, (), st):
         toks += chunk.token_ids
-    return Record("", mode, len(ids), st.new_tokens, st.elapsed_s, st.rounds, st.draft_tokens,
-                  st.accepted_tokens, st.draft_wait_s, st.verify_s, st.accepted_per_round,
-                  drafted_per_round=st.drafted_per_round, hit_per_round=st.hit_per_round, token_ids=toks,
-                  cache_hits=st.cache_hits, cache_misses=st.cache_misses, fallback=st.fallback)
+    return Record("", mode, token_ids=toks, **{f: getattr(st, f) for f in _FROM_STATS})
 
 
 @torch.inference_mode()
@@ -225,8 +217,7 @@ def run_bench(target: LM, draft: LM, prompts: list[Prompt], modes: list[str], ma
         modes = ["ar", *modes]  # the reference for ratios and the exactness check
     if any(m.startswith("ssd") for m in modes) and client is None:
         raise ValueError("--modes: ssd modes need a draft worker (a DraftClient)")
-    tok = target.tokenizer
-    encoded = [(p, encode(tok, p)) for p in prompts]
+    encoded = [(p, target.encode(p.text, p.chat)) for p in prompts]
     if warmup:
         ids = encoded[0][1]
         for m in modes:
@@ -254,7 +245,7 @@ def run_bench(target: LM, draft: LM, prompts: list[Prompt], modes: list[str], ma
             "modes": modes, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p, "k": k, "seed": seed,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
         },
         "summary": summarize(records, modes, sp.greedy),
         "records": [asdict(r) | {"tokens_per_s": round(r.tokens_per_s, 3)} for r in records],

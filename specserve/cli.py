@@ -115,6 +115,25 @@ def _build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quantize(value: str) -> str | None:
+    """The --quantize / --draft-quantize flag value as load_model takes it."""
+    return None if value == "none" else value
+
+
+def _check_k(args) -> None:
+    if args.k is not None and args.k < 1:
+        raise UsageError(f"--k: the draft length must be >= 1, got {args.k}")
+
+
+def _sampling(args):
+    from .engine.sampling import SamplingParams
+
+    try:
+        return SamplingParams(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise UsageError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
+
+
 def _read_prompt(args) -> str:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt or not prompt.strip():
@@ -136,8 +155,8 @@ def _load_pair(args):
     draft = None
     if args.draft:
         try:
-            quantize = None if args.draft_quantize == "none" else args.draft_quantize
-            draft = load_model(args.draft, dtype=args.draft_dtype, quantize=quantize, tokenizer=False,
+            draft = load_model(args.draft, dtype=args.draft_dtype, quantize=_quantize(args.draft_quantize),
+                               tokenizer=False,
                                kernels=args.kernels)
         except (FileNotFoundError, OSError, ValueError) as e:
             raise UsageError(f"--draft: {e}") from None
@@ -149,22 +168,16 @@ def _load_pair(args):
 
 
 def cmd_generate(args) -> int:
-    from .engine.sampling import SamplingParams
-
     mode = args.mode or ("sd" if args.draft else "ar")
     if mode == "sd" and not args.draft:
         raise UsageError("--draft: mode sd needs a draft model; pass --draft PATH or use --mode ar")
     if mode == "ssd" and not (args.draft or args.draft_address):
         raise UsageError("--draft: mode ssd needs --draft PATH (a local worker is started) or --draft-address")
     fanout = _parse_fanout(args.fanout)
-    if args.k is not None and args.k < 1:
-        raise UsageError(f"--k: the draft length must be >= 1, got {args.k}")
+    _check_k(args)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    try:
-        sp = SamplingParams(args.temperature, args.top_k, args.top_p)
-    except ValueError as e:
-        raise UsageError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
+    sp = _sampling(args)
     prompt = _read_prompt(args)
     worker = _start_local_worker(args) if mode == "ssd" and not args.draft_address else None
     try:
@@ -185,7 +198,7 @@ def _start_local_worker(args):
     print(f"starting a draft worker on core(s) {sorted(draft_cores)}, target on {sorted(target_cores)}",
           file=sys.stderr)
     worker = LocalWorker(args.draft, threads=1, cores=draft_cores, dtype=args.draft_dtype,
-                         quantize=None if args.draft_quantize == "none" else args.draft_quantize)
+                         quantize=_quantize(args.draft_quantize))
     args.draft_address = worker.address
     return worker
 
@@ -202,41 +215,39 @@ def _parse_fanout(text: str | None) -> list[int] | None:
     return f
 
 
-def _ssd_drafter(args, target, ids, sp):
-    from .pipeline.remote_drafter import DraftClient, RemoteDrafter
-    from .pipeline.wire import spec_params
+def _draft_client(args, vocab_size: int):
+    """A DraftClient to --draft-address whose draft shares the target's vocabulary."""
+    from .pipeline.remote_drafter import DraftClient
 
     client = DraftClient(args.draft_address, timeout=args.draft_timeout)
     try:
-        client.check_vocab(target.vocab_size)
+        client.check_vocab(vocab_size)
     except ValueError as e:
+        client.close()
         raise UsageError(f"--draft-address: {e}") from None
     except RuntimeError as e:
+        client.close()
         raise UsageError(f"--draft-address: {e}; is `specserve draft-worker` running there?") from None
-    params = spec_params(sp.temperature, sp.top_k, sp.top_p, k=args.k or 4, fanout=args.fanout_list,
-                         speculate=not args.no_speculate, seed=args.seed or 0, max_new_tokens=args.max_new_tokens)
-    return client, RemoteDrafter(client, ids, target.vocab_size, params)
+    return client
 
 
 def _generate(args, mode, sp, prompt, fanout) -> int:
     from .engine.speculative import SpecConfig, Stats, generate
 
-    args.fanout_list = fanout
     if mode == "ssd":
         args.draft = None  # the draft lives in the worker
     target, draft = _load_pair(args)
-    tok = target.tokenizer
-    if args.chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
-    else:
-        ids = tok(prompt)["input_ids"]
+    ids = target.encode(prompt, args.chat)
     st = Stats()
     out_ids: list[int] = []
     text = []
     client = None
     if mode == "ssd":
-        client, draft = _ssd_drafter(args, target, ids, sp)
+        from .pipeline.remote_drafter import RemoteDrafter
+
+        client = _draft_client(args, target.vocab_size)
+        draft = RemoteDrafter(client, ids, target.vocab_size, sp, args.k, fanout, not args.no_speculate,
+                              args.seed, args.max_new_tokens)
     try:
         for chunk in generate(target, draft if mode != "ar" else None, ids, args.max_new_tokens, sp,
                               SpecConfig(mode=mode, k=args.k), args.seed, args.stop, st):
@@ -296,28 +307,21 @@ def cmd_models(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import format_table, load_prompts, plot, run_bench
-    from .engine.sampling import SamplingParams
 
-    if args.k is not None and args.k < 1:
-        raise UsageError(f"--k: the draft length must be >= 1, got {args.k}")
+    _check_k(args)
+    sp = _sampling(args)
     try:
-        sp = SamplingParams(args.temperature, args.top_k, args.top_p)
         prompts = load_prompts(args.prompts, args.n)
     except ValueError as e:
         raise UsageError(str(e)) from None
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     fanout = _parse_fanout(args.fanout)
-    worker = client = None
-    if any(m.startswith("ssd") for m in modes):
-        from .pipeline.remote_drafter import DraftClient
-
-        if not args.draft_address:
-            worker = _start_local_worker(args)
-        client = DraftClient(args.draft_address, timeout=args.draft_timeout)
+    ssd = any(m.startswith("ssd") for m in modes)
+    worker = _start_local_worker(args) if ssd and not args.draft_address else None
+    client = None
     try:
         target, draft = _load_pair(args)
-        if client is not None:
-            client.check_vocab(target.vocab_size)
+        client = _draft_client(args, target.vocab_size) if ssd else None
         result = run_bench(target, draft, prompts, modes, args.max_new_tokens, sp, args.k, args.seed,
                            warmup=not args.no_warmup, client=client, fanout=fanout)
     except ValueError as e:
@@ -360,7 +364,7 @@ def cmd_draft_worker(args) -> int:
 
     try:
         return run_draft_worker(args.model, port=args.port, threads=args.threads, dtype=args.dtype,
-                                quantize=None if args.quantize == "none" else args.quantize, host=args.host)
+                                quantize=_quantize(args.quantize), host=args.host)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise UsageError(f"--model: {e}" if not isinstance(e, OSError) or "bind" not in str(e) else f"--port: {e}") from None
 

@@ -10,7 +10,6 @@ from specserve.engine.tiny import tiny_model
 from specserve.pipeline.draft_server import serve
 from specserve.pipeline.local_worker import LocalWorker
 from specserve.pipeline.remote_drafter import DraftClient, RemoteDrafter
-from specserve.pipeline.wire import spec_params
 
 from test_engine import V, chi2_pvalue, exact_two_token_law
 
@@ -30,8 +29,7 @@ def clients(tiny):
 
 
 def ssd(target, client, ids, n=40, k=4, sp=SamplingParams(), speculate=True, seed=0, stats=None):
-    params = spec_params(sp.temperature, sp.top_k, sp.top_p, k=k, speculate=speculate, seed=seed, max_new_tokens=n)
-    drafter = RemoteDrafter(client, ids, target.vocab_size, params)
+    drafter = RemoteDrafter(client, ids, target.vocab_size, sp, k, speculate=speculate, seed=seed, max_new_tokens=n)
     st = stats if stats is not None else Stats()
     out = [t for c in generate(target, drafter, ids, n, sp, SpecConfig(mode="ssd", k=k), seed, (), st)
            for t in c.token_ids]
@@ -78,7 +76,7 @@ def test_killed_worker_falls_back_and_stays_exact(tiny, tiny_dir):
     worker = LocalWorker(str(tiny_dir / "draft-same"), quantize=None)
     try:
         client = DraftClient(worker.address, timeout=5)
-        drafter = RemoteDrafter(client, ids, target.vocab_size, spec_params(k=2, max_new_tokens=60))
+        drafter = RemoteDrafter(client, ids, target.vocab_size, k=2, max_new_tokens=60)
         st, out = Stats(), []
         for i, chunk in enumerate(generate(target, drafter, ids, 60, spec=SpecConfig(mode="ssd", k=2), stats=st)):
             out += chunk.token_ids

@@ -65,6 +65,14 @@ class LM:
             ids.add(int(self.tokenizer.eos_token_id))
         return ids
 
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of `text`; with `chat`, wrapped in the tokenizer's chat template when it has one."""
+        tok = self.tokenizer
+        if chat and getattr(tok, "chat_template", None):
+            return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False))
+        return tok(text)["input_ids"]
+
     def new_cache(self) -> "KVCache":
         return KVCache(self.model)
 

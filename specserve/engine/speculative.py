@@ -243,7 +243,8 @@ def generate(
                 try:
                     d, q = drafter.propose(seq, kr)
                     d, q = d[:kr], (q[:kr] if q is not None else None)
-                except DraftUnavailable as e:
+                except DraftUnavailable as e:  # give the drafter up (a remote one frees its sequence)
+                    drafter.close()
                     drafter, st.fallback, kr = None, f"ar after round {st.rounds}: {e}", 0
             kr = len(d)
             t1 = time.perf_counter()
@@ -275,6 +276,7 @@ def generate(
                 try:
                     drafter.feedback(n, t_next, len(seq) + n)  # a draft cache crops to seq + d_1..d_n
                 except DraftUnavailable as e:
+                    drafter.close()
                     drafter, st.fallback = None, f"ar after round {st.rounds + 1}: {e}"
                 st.draft_wait_s += time.perf_counter() - t3
             st.draft_wait_s += t1 - t0

@@ -24,7 +24,8 @@ import torch
 from ..engine.speculative import Drafter, DraftUnavailable
 from ..engine.ssd import Proposal
 from ..v1 import speculation_pb2_grpc as pb_grpc
-from .wire import message_seq, pb, proposal_fields, spec_params
+from ..engine.sampling import SamplingParams
+from .wire import DEFAULT_K, message_seq, pb, proposal_fields, spec_params
 
 __all__ = ["DraftClient", "DraftInfo", "RemoteProposal", "RemoteDrafter", "DraftUnavailable", "DraftError",
            "CHANNEL_OPTIONS"]
@@ -258,21 +259,24 @@ class RemoteDrafter(Drafter):
     and the loop finishes the sequence alone.
     """
 
-    def __init__(self, client: DraftClient, prompt_ids: list[int], vocab_size: int, params: pb.SpecParams,
+    def __init__(self, client: DraftClient, prompt_ids: list[int], vocab_size: int,
+                 sampling: SamplingParams | None = None, k: int | None = None, fanout: list[int] | None = None,
+                 speculate: bool = True, seed: int | None = None, max_new_tokens: int | None = None,
                  timeout: float | None = None):
         import uuid
 
-        self.client, self.prompt, self.V, self.params = client, [int(t) for t in prompt_ids], vocab_size, params
+        sp = sampling or SamplingParams()
+        self.client, self.prompt, self.V = client, [int(t) for t in prompt_ids], vocab_size
+        self.params = spec_params(sp.temperature, sp.top_k, sp.top_p, k=k or DEFAULT_K, fanout=fanout,
+                                  speculate=speculate, seed=seed or 0, max_new_tokens=max_new_tokens)
         self.seq = uuid.uuid4().hex
         self.timeout = timeout
         self.prop: RemoteProposal | None = None
         self.hits = self.misses = 0
-        self.draft_s = 0.0  # worker-side drafting time of the proposals we used
 
     def propose(self, seq, k):
         if self.prop is None:
             self.prop = self.client.start(self.seq, self.prompt, self.params, timeout=self.timeout)
-            self.draft_s += self.prop.draft_s
         d = list(self.prop.token_ids)
         if not self.prop.q_ids:
             return d, None
@@ -286,7 +290,6 @@ class RemoteDrafter(Drafter):
         self.hits += prop.cache_hit
         self.misses += not prop.cache_hit
         self.last_hit = bool(prop.cache_hit)
-        self.draft_s += prop.draft_s
         self.prop = prop
 
     def close(self):
