@@ -23,3 +23,19 @@ def tiny_dir(tmp_path_factory):
 def tiny(tiny_dir):
     """The three tiny models loaded in float32: {"target": LM, "draft-same": LM, "draft-random": LM}."""
     return {name: load_model(str(tiny_dir / name), dtype="float32") for name in ("target", "draft-same", "draft-random")}
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A private redis-server (free port, temp dir, AOF fsync always); never the machine's 6379."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH: install it (apt-get install redis-server) to run the Redis tests")
+    from redis_server import RedisServer
+
+    server = RedisServer(dir=tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
