@@ -72,6 +72,7 @@ class Stats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     prompt_tokens: int = 0
+    prefix_reused: int = 0  # prompt tokens already in the target cache passed in (no prefill for them)
     elapsed_s: float = 0.0
     ttft_s: float = 0.0
     draft_wait_s: float = 0.0  # time the target waited for proposals (in-process: drafting itself)
@@ -194,13 +195,16 @@ def generate(
     seed: int | None = None,
     stop: list[str] | tuple[str, ...] = (),
     stats: Stats | None = None,
+    target_cache: KVCache | None = None,
 ) -> Iterator[Chunk]:
     """Stream the target's continuation of `prompt_ids`, one Chunk per round.
 
     `draft` is a draft LM (drafted in this process), any `Drafter` (e.g. a remote SSD worker),
     or None for mode "ar". If the drafter raises DraftUnavailable the sequence finishes as "ar"
     (still exact) and `stats.fallback` says why. Pass `stats` to read the counters while or after
-    streaming.
+    streaming. `target_cache` (e.g. a chat session's) must hold a strict prefix of `prompt_ids`
+    (the caller crops it); the loop prefills only the rest and leaves the cache holding a prefix of
+    prompt + output.
     """
     sp = sampling or SamplingParams()
     spec = spec or SpecConfig()
@@ -228,7 +232,11 @@ def generate(
     text = TextStream(target.tokenizer, stop)
     eos = target.eos_ids
     budget = min(max_new_tokens, target.max_len - len(prompt_ids))
-    tc = target.new_cache()
+    tc = target_cache if target_cache is not None else target.new_cache()
+    if tc.length >= len(prompt_ids):
+        raise ValueError(f"target_cache holds {tc.length} tokens but must hold fewer than the prompt's "
+                         f"{len(prompt_ids)}: crop it to a strict prefix")
+    st.prefix_reused = tc.length
     seq = list(prompt_ids)  # committed tokens; the caches hold a prefix of them
     k = (spec.k or spec.k_init) if drafter else 0
     st.prompt_tokens = len(prompt_ids)

@@ -1,0 +1,151 @@
+"""The router's work, without Ray: the public API's five calls over a target and a session store.
+
+`RouterCore(store, target, limits)` answers Generate / GenerateStream / Chat / GetSession /
+DeleteSession with protobuf replies or an `ApiError` (status code name + message). `target` is
+any async callable `(GenParams, session_id) -> async iterator of chunk dicts` -- in the server a
+Ray Serve handle call that routes a session to the replica holding its KV prefix, in tests a
+`TargetWorker` in this process.
+
+A Chat turn, step by step:
+  1. validate the request; no session_id -> create a session (with the system prompt)
+  2. begin the turn: the store appends the user message and locks the session (a second turn
+     at the same time fails with FAILED_PRECONDITION, so a history never interleaves)
+  3. the target templates the whole history, reusing its cached prefix, and streams rounds
+  4. each round's committed tokens go to the store before the client sees them
+  5. end the turn (complete, or cut short keeping exactly the committed tokens), remember the replica
+
+This module does not know Ray, gRPC transport or models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Callable
+
+from ..sessions import SessionBusy, SessionError, SessionNotFound, SessionStore, StoreUnavailable
+from .api import (ApiError, GenParams, Limits, check_session_id, chunk_message, parse_chat, parse_generate,
+                  pb, reply_message, session_message)
+
+__all__ = ["RouterCore", "TargetCall", "store_error", "target_error"]
+
+log = logging.getLogger(__name__)
+
+TargetCall = Callable[[GenParams, str], AsyncIterator[dict]]
+
+
+def store_error(e: SessionError) -> ApiError:
+    """A session store failure -> the status a client sees."""
+    if isinstance(e, SessionNotFound):
+        return ApiError("NOT_FOUND", str(e))
+    if isinstance(e, SessionBusy):
+        return ApiError("FAILED_PRECONDITION", f"{e} (wait for the other turn to finish, then retry)")
+    if isinstance(e, StoreUnavailable):
+        return ApiError("UNAVAILABLE", str(e))
+    return ApiError("INVALID_ARGUMENT", str(e))
+
+
+def target_error(e: BaseException) -> ApiError:
+    """Anything the target raised -> ApiError (its own, or UNAVAILABLE: a replica died; retry)."""
+    if isinstance(e, ApiError):
+        return e
+    cause = getattr(e, "cause", None)  # Ray wraps a replica's exception; keep its code
+    if isinstance(cause, ApiError):
+        return ApiError(cause.code, cause.message)
+    log.warning("target failed: %s: %s", type(e).__name__, e)
+    return ApiError("UNAVAILABLE", f"the target replica failed ({type(e).__name__}): retry the request; "
+                                   "a chat session keeps every token committed before the failure")
+
+
+class RouterCore:
+    """retries: how often a request is sent again when its target replica fails before the first
+    chunk (the replica died or was restarting; Serve routes the retry to a live one)."""
+
+    def __init__(self, store: SessionStore, target: TargetCall, limits: Limits | None = None,
+                 lease_s: float = 600.0, retries: int = 2):
+        self.store, self.target, self.limits, self.lease_s = store, target, limits or Limits(), lease_s
+        self.retries = retries
+
+    async def _stream(self, p: GenParams, sid: str) -> AsyncIterator[dict]:
+        """The target's chunks; a failure before the first chunk is retried, later ones are raised."""
+        for attempt in range(self.retries + 1):
+            started = False
+            try:
+                async for chunk in self.target(p, sid):
+                    started = True
+                    yield chunk
+                return
+            except Exception as e:
+                err = target_error(e)
+                if err.code != "UNAVAILABLE" or started or attempt == self.retries:
+                    raise err from None
+                log.warning("target failed before its first chunk (attempt %d), retrying: %s", attempt + 1, e)
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    # ------------------------------------------------------------------ stateless
+
+    async def generate_stream(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        p = parse_generate(req, self.limits)
+        try:
+            async for chunk in self._stream(p, ""):
+                yield chunk_message(chunk)
+        except Exception as e:
+            raise target_error(e) from None
+
+    async def generate(self, req: pb.GenerateRequest) -> pb.GenerateReply:
+        p = parse_generate(req, self.limits)
+        chunks = []
+        try:
+            async for chunk in self._stream(p, ""):
+                chunks.append(chunk)
+        except Exception as e:
+            raise target_error(e) from None
+        return reply_message(chunks)
+
+    # ------------------------------------------------------------------ sessions
+
+    async def chat(self, req: pb.ChatRequest) -> AsyncIterator[pb.GenerateChunk]:
+        p = parse_chat(req, self.limits)  # 1.
+        try:
+            sid = req.session_id or (await self.store.create(system=req.system or None)).id
+            turn = await self.store.begin_turn(sid, req.message, self.lease_s)  # 2.
+            session = await self.store.get(sid)
+        except SessionError as e:
+            raise store_error(e) from None
+        turns = session.turns[:-1] if session.busy and session.turns[-1].role == "assistant" else session.turns
+        p.messages = [{"role": t.role, "content": t.content} for t in turns]
+        complete, replica = False, ""
+        try:
+            async for chunk in self._stream(p, sid):  # 3.
+                if chunk["token_ids"]:
+                    await self.store.append(sid, turn, chunk["token_ids"], chunk["text"])  # 4.
+                if chunk.get("stats"):
+                    replica = chunk["stats"].get("replica", "")
+                yield chunk_message(chunk, sid)
+            complete = True
+        except SessionError as e:
+            raise store_error(e) from None
+        except Exception as e:
+            raise target_error(e) from None
+        finally:  # 5. also when the client went away (cancellation): shield the bookkeeping
+            await asyncio.shield(self._end_turn(sid, turn, complete, replica))
+
+    async def _end_turn(self, sid: str, turn: str, complete: bool, replica: str) -> None:
+        try:
+            await self.store.end_turn(sid, turn, complete)
+            if replica:
+                await self.store.set_replica(sid, replica)
+        except SessionError as e:
+            log.warning("could not end turn of session %r: %s", sid, e)
+
+    async def get_session(self, req: pb.GetSessionRequest) -> pb.Session:
+        try:
+            return session_message(await self.store.get(check_session_id(req.session_id)))
+        except SessionError as e:
+            raise store_error(e) from None
+
+    async def delete_session(self, req: pb.DeleteSessionRequest) -> pb.DeleteSessionReply:
+        try:
+            return pb.DeleteSessionReply(deleted=await self.store.delete(check_session_id(req.session_id)))
+        except SessionError as e:
+            raise store_error(e) from None

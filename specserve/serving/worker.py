@@ -1,0 +1,207 @@
+"""A target replica's work, without Ray: run validated generations on one target model.
+
+`TargetWorker.stream(params, session)` is a plain generator of chunk dicts, one per round:
+  1. encode    -- text, chat message or a session's whole history -> prompt token ids
+  2. reuse     -- a session's KV cache keeps the longest common prefix with the new prompt
+  3. draft     -- ar: none; sd: the draft in this process; ssd: a RemoteDrafter on the shared
+                  DraftClient stream (no draft reachable -> the request runs as ar, and says so)
+  4. generate  -- the engine's loop; the last chunk carries the stats
+  5. keep      -- the session cache is left holding prompt + output (for the next turn)
+
+Many requests may stream at once from different threads: each has its own caches, and they share
+the read-only models and one DraftClient (which multiplexes sequences on one gRPC stream).
+This module does not know Ray, the public gRPC API or where sessions are stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterator
+
+from ..engine.models import LM, KVCache
+from ..engine.sampling import SamplingParams
+from ..engine.speculative import SpecConfig, Stats, generate
+from ..pipeline.remote_drafter import DraftClient, RemoteDrafter
+from .api import ApiError, GenParams
+
+__all__ = ["TargetWorker", "SessionCache", "stream_in_pool"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SessionCache:
+    """A chat session's target KV cache and the token ids it holds (ids[:kv.length])."""
+
+    kv: KVCache | None = None
+    ids: list[int] = field(default_factory=list)
+
+    def prefix_for(self, lm: LM, prompt_ids: list[int]) -> KVCache:
+        """The cache cropped to its longest common prefix with `prompt_ids` (a strict prefix)."""
+        if self.kv is None:
+            self.kv, self.ids = lm.new_cache(), []
+        n, limit = 0, min(len(self.ids), self.kv.length, len(prompt_ids) - 1)
+        while n < limit and self.ids[n] == prompt_ids[n]:
+            n += 1
+        self.kv.crop(n)
+        self.ids = self.ids[:n]
+        return self.kv
+
+
+class TargetWorker:
+    """The target model of one replica, with an optional in-process draft and a draft link.
+
+    draft_address: a callable returning "host:port" of a draft worker (it may raise); called when
+      an ssd request finds no healthy DraftClient.
+    """
+
+    def __init__(self, target: LM, local_draft: LM | None = None,
+                 draft_address: Callable[[], str] | None = None, draft_timeout: float = 10.0,
+                 replica: str = ""):
+        self.target, self.local_draft = target, local_draft
+        self.draft_address, self.draft_timeout, self.replica = draft_address, draft_timeout, replica
+        self._client: DraftClient | None = None
+        self._lock = threading.Lock()
+        self.active = 0  # sequences streaming right now (tests watch cancellation through this)
+
+    # ------------------------------------------------------------------ draft link
+
+    def connect_draft(self, address: str) -> None:
+        """Use the draft worker at `address` for ssd (replaces a previous link)."""
+        client = DraftClient(address, timeout=self.draft_timeout)
+        client.check_vocab(self.target.vocab_size)  # ValueError: another model family
+        with self._lock:
+            old, self._client = self._client, client
+        if old is not None:
+            old.close()
+
+    @property
+    def has_draft(self) -> bool:
+        """Whether ssd requests have a draft link now."""
+        return self._client is not None
+
+    def drop_draft(self) -> None:
+        """Forget the draft link (its worker died): the next ssd request asks for an address again."""
+        with self._lock:
+            old, self._client = self._client, None
+        if old is not None:
+            old.close()
+
+    def _draft_client(self) -> tuple[DraftClient | None, str]:
+        with self._lock:
+            client = self._client
+        if client is not None:
+            return client, ""
+        if self.draft_address is None:
+            return None, "this replica has no draft deployment"
+        try:
+            self.connect_draft(self.draft_address())
+        except Exception as exc:  # no draft replica, or it does not answer: run as ar, say why
+            return None, f"no draft: {exc}"
+        return self._client, ""
+
+    # ------------------------------------------------------------------ generation
+
+    def encode(self, p: GenParams) -> list[int]:
+        """1. The prompt token ids of a request (ApiError when it does not fit the context window)."""
+        tok = self.target.tokenizer
+        if p.messages:
+            ids = list(tok.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=False))
+        elif p.prompt_ids:
+            ids = list(p.prompt_ids)
+            bad = [t for t in ids if t >= self.target.vocab_size]
+            if bad:
+                raise ApiError("INVALID_ARGUMENT", f"prompt_ids holds {bad[0]}, outside the vocabulary "
+                                                   f"[0, {self.target.vocab_size}): send ids of this model's tokenizer")
+        else:
+            ids = self.target.encode(p.prompt, chat=p.chat)
+        if not ids:
+            raise ApiError("INVALID_ARGUMENT", "prompt encodes to no tokens: give some text")
+        if len(ids) >= self.target.max_len:
+            what = "the session's history" if p.messages else "prompt"
+            raise ApiError("INVALID_ARGUMENT", f"{what} is {len(ids)} tokens but the model's context window is "
+                                               f"{self.target.max_len}: shorten it (or start a new session)")
+        return ids
+
+    def stream(self, p: GenParams, session: SessionCache | None = None) -> Iterator[dict]:
+        """Run one generation; yield {token_ids, text, finish_reason, stats (last chunk only)}."""
+        ids = self.encode(p)
+        sp = SamplingParams(p.temperature, p.top_k, p.top_p)
+        st = Stats()
+        mode, fallback, draft = p.mode, "", None
+        if mode == "sd":  # 3. pick the drafter
+            if self.local_draft is None:
+                raise ApiError("FAILED_PRECONDITION", "speculation.mode sd needs a draft inside the target "
+                                                      "replica (target.local_draft in the config): use ssd or ar")
+            draft = self.local_draft
+        elif mode == "ssd":
+            client, why = self._draft_client()
+            if client is None:
+                mode, fallback = "ar", why
+            else:
+                draft = RemoteDrafter(client, ids, self.target.vocab_size, sp, p.k, p.fanout or None,
+                                      p.speculate, p.seed, p.max_tokens, self.draft_timeout)
+        kv = session.prefix_for(self.target, ids) if session is not None else None  # 2. reuse
+        spec = SpecConfig(mode=mode, k=p.k)
+        out: list[int] = []
+        with self._lock:
+            self.active += 1
+        try:
+            for chunk in generate(self.target, draft, ids, p.max_tokens, sp, spec, p.seed, p.stop, st, kv):  # 4.
+                out += chunk.token_ids
+                msg = {"token_ids": chunk.token_ids, "text": chunk.text, "finish_reason": chunk.finish_reason}
+                if chunk.finish_reason:
+                    d = st.to_dict()
+                    d.update(mode=mode, replica=self.replica, fallback=st.fallback or fallback)
+                    msg["stats"] = d
+                yield msg
+        except ValueError as e:  # the engine's own checks (a bad token id, ...)
+            raise ApiError("INVALID_ARGUMENT", str(e)) from None
+        finally:
+            with self._lock:
+                self.active -= 1
+            if st.fallback and mode == "ssd":
+                self.drop_draft()  # the draft died or stalled: reconnect on the next request
+            if session is not None and kv is not None:  # 5. keep prompt + output for the next turn
+                full = ids + out
+                kv.crop(min(kv.length, len(full)))
+                session.ids = full[:kv.length]
+
+    def close(self) -> None:
+        self.drop_draft()
+
+
+def _close_after(step: Future, it: Iterator) -> None:
+    """Close a generator once its running step is done (a generator cannot close mid-step)."""
+    try:
+        step.result()
+    except BaseException:
+        pass
+    it.close()
+
+
+async def stream_in_pool(it: Iterator[dict], pool: Executor) -> AsyncIterator[dict]:
+    """Step a blocking generator in `pool`, one item per step, without blocking the event loop.
+
+    When the consumer stops early (a cancelled request), the generator is closed after its
+    current step, which runs its `finally` blocks (the engine closes the drafter: the draft
+    worker frees the sequence too).
+    """
+    step: Future | None = None
+    try:
+        while True:
+            step = pool.submit(next, it, None)
+            item = await asyncio.wrap_future(step)
+            if item is None:
+                return
+            yield item
+    finally:
+        if step is not None and not step.done():
+            pool.submit(_close_after, step, it)
+        else:
+            it.close()
