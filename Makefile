@@ -1,5 +1,7 @@
 # specserve: two commands on a fresh machine.
-#   make run    install, prepare the offline Qwen2.5-Coder pair, answer a real request
+#   make run    install, prepare the offline Qwen2.5-Coder pair, serve it (Ray Serve, local) and
+#               answer a real request through the public gRPC API, then stop
+#   make serve  the same server, staying up until Ctrl-C (`make chat` in another terminal)
 #   make test   install, run the test suite (tiny random models, no downloads)
 # Every target installs what it needs into $(VENV) first (CPU torch 2.13.0 before the rest).
 
@@ -8,7 +10,7 @@ PY := $(VENV)/bin/python
 SPECSERVE := $(VENV)/bin/specserve
 PROMPT ?= Write a Python function that checks whether a string is a palindrome.
 
-.PHONY: install install-qwen test run tiny bench clean
+.PHONY: install install-qwen test run serve chat tiny bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,8 +32,14 @@ test: install
 
 run: install-qwen
 	$(SPECSERVE) models prepare
-	$(SPECSERVE) generate --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --chat \
-		--prompt "$(PROMPT)" --max-new-tokens 128
+	$(SPECSERVE) serve --ask "$(PROMPT)" --exit
+
+serve: install-qwen
+	$(SPECSERVE) models prepare
+	$(SPECSERVE) serve
+
+chat: install
+	$(SPECSERVE) chat
 
 tiny: install
 	$(SPECSERVE) models tiny models/tiny

@@ -1,4 +1,5 @@
-"""The `specserve` command line: generate, models (tiny, prepare, list), bench.
+"""The `specserve` command line: generate, models (tiny, prepare, list), bench, simulate,
+draft-worker, serve (the Ray Serve application) and chat (a client of it).
 
 Each subcommand parses flags, calls plain library functions, and prints. Bad input exits with
 status 2 and one line that names the flag and the fix.
@@ -99,6 +100,37 @@ def _build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     w.add_argument("--quantize", default="int8", choices=["int8", "none"],
                    help="dynamic int8 quantization (default int8: a draft's dtype never changes the output)")
+
+    sv = sub.add_parser("serve", help="run the server: local Ray, the Serve app, the public gRPC API")
+    sv.add_argument("--config", default=None,
+                    help="a Serve config file (default: deployments/serve_config.yaml as packaged)")
+    sv.add_argument("--target", default=None, help="target model (overrides the config)")
+    sv.add_argument("--draft", default=None, help="draft model (overrides the config; 'none': ar only)")
+    sv.add_argument("--redis-url", default=None, help="session store (default: the config, $REDIS_URL, else memory)")
+    sv.add_argument("--grpc-port", type=int, default=None, help="public gRPC port (default: the config's, 9000)")
+    sv.add_argument("--http-port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
+    sv.add_argument("--host", default="127.0.0.1", help="address the proxies bind (default 127.0.0.1)")
+    sv.add_argument("--ask", default=None, help="once up, send this chat message through the gRPC API and print it")
+    sv.add_argument("--exit", action="store_true", help="stop after --ask instead of serving until Ctrl-C")
+
+    c = sub.add_parser("chat", help="interactive streaming chat with a running server")
+    c.add_argument("--address", default="127.0.0.1:9000", help="the server's gRPC address (default 127.0.0.1:9000)")
+    c.add_argument("--session", default="", help="continue this session (default: start a new one)")
+    c.add_argument("--system", default="", help="system prompt of a new session")
+    c.add_argument("--max-tokens", type=int, default=None, help="new tokens per reply (default: the server's)")
+    c.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's, greedy)")
+    c.add_argument("--mode", default=None, choices=["ar", "sd", "ssd"], help="speculation mode (default: the server's)")
+
+    bs = sub.add_parser("bench-server", help="the bench's prompts through a running server's gRPC API")
+    bs.add_argument("--address", default="127.0.0.1:9000", help="the server's gRPC address (default 127.0.0.1:9000)")
+    bs.add_argument("--prompts", default="humaneval", help="humaneval | chat | FILE.jsonl (default humaneval)")
+    bs.add_argument("--n", type=int, default=5, help="number of prompts (default 5)")
+    bs.add_argument("--modes", default="ar,sd,ssd", help="comma-separated, of ar, sd, ssd (default all three)")
+    bs.add_argument("--max-new-tokens", type=int, default=128, help="tokens per request (default 128)")
+    bs.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; checks exactness)")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--out", default=None, help="write the full results as JSON")
+    bs.add_argument("--no-warmup", action="store_true")
 
     b = sub.add_parser("bench", help="compare ar, hf-assisted and sd on the same prompts")
     _add_model_flags(b, draft_required=True)
@@ -369,6 +401,76 @@ def cmd_draft_worker(args) -> int:
         raise UsageError(f"--model: {e}" if not isinstance(e, OSError) or "bind" not in str(e) else f"--port: {e}") from None
 
 
+def cmd_bench_server(args) -> int:
+    from .bench import format_table, load_prompts
+    from .bench_server import run_server_bench
+    from .client import Client, ClientError
+
+    try:
+        prompts = load_prompts(args.prompts, args.n)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    with Client(args.address) as client:
+        try:
+            result = run_server_bench(client, prompts, [m.strip() for m in args.modes.split(",") if m.strip()],
+                                      args.max_new_tokens, args.temperature, args.seed, warmup=not args.no_warmup)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        except ClientError as e:
+            raise UsageError(f"--address {args.address}: {e}") from None
+    print(format_table(result))
+    print("stack overhead per request (ms, median): " + ", ".join(
+        f"{m} {d['stack_overhead_ms']}" for m, d in result["summary"].items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    try:
+        import deployments.config as dconfig
+        from deployments.config import DraftConfig, load_serve_config
+        from deployments.run import run
+    except ImportError as e:  # pragma: no cover - a broken install
+        raise UsageError(f"the deployments package is missing ({e}): reinstall specserve") from None
+    path = args.config or str(Path(dconfig.__file__).with_name("serve_config.yaml"))
+    try:
+        cfg, raw = load_serve_config(path)
+        if args.target:
+            cfg.target.model = args.target
+        if args.draft == "none":
+            cfg.draft = None
+            cfg.limits.default_mode = None
+        elif args.draft:
+            cfg.draft = cfg.draft or DraftConfig()
+            cfg.draft.model = args.draft
+        if args.redis_url:
+            cfg.redis_url = args.redis_url
+        cfg = type(cfg).model_validate(cfg.model_dump())
+    except FileNotFoundError:
+        raise UsageError(f"--config: {path} does not exist") from None
+    except (ValidationError, ValueError) as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    grpc_port = args.grpc_port or (raw.get("grpc_options") or {}).get("port", 9000)
+    http_port = args.http_port or (raw.get("http_options") or {}).get("port", 8000)
+    return run(cfg, grpc_port, http_port, args.host, ask=args.ask, stay=not args.exit)
+
+
+def cmd_chat(args) -> int:
+    from .chat import run_chat
+    from .client import Client
+
+    with Client(args.address) as client:
+        return run_chat(client, args.session, args.system, max_tokens=args.max_tokens,
+                        temperature=args.temperature, mode=args.mode)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -382,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_draft_worker(args)
         if args.cmd == "simulate":
             return cmd_simulate(args)
+        if args.cmd == "bench-server":
+            return cmd_bench_server(args)
+        if args.cmd == "serve":
+            return cmd_serve(args)
+        if args.cmd == "chat":
+            return cmd_chat(args)
     except UsageError as e:
         print(f"specserve: error: {e}", file=sys.stderr)
         return 2

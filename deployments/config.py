@@ -1,0 +1,169 @@
+"""The one configuration of a specserve application: a pydantic model, one docstring per field.
+
+`deployments/serve_config.yaml` carries it as the application's `args`, `specserve serve` reads
+the same file (and lets flags override models and Redis), and the Kubernetes RayService embeds it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["Replicas", "TargetConfig", "DraftConfig", "LimitsConfig", "AppConfig"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class Replicas(_Strict):
+    """How many replicas of a deployment run, what each reserves, and when Serve scales."""
+
+    min_replicas: int = Field(1, ge=0)
+    """Replicas kept running when idle (0 lets the deployment scale to zero)."""
+    max_replicas: int = Field(1, ge=1)
+    """Upper bound of autoscaling."""
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    """Serve adds replicas when the ongoing requests per replica exceed this."""
+    max_ongoing_requests: int = Field(8, ge=1)
+    """Requests one replica takes at once; more wait in the router's queue."""
+    upscale_delay_s: float = Field(2.0, ge=0)
+    """How long the load must stay high before Serve adds a replica."""
+    downscale_delay_s: float = Field(30.0, ge=0)
+    """How long the load must stay low before Serve removes a replica."""
+    num_cpus: float = Field(0.5, ge=0)
+    """CPUs Ray reserves per replica (fractional on small CPU hosts; it does not cap torch threads)."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per replica (1 on a GPU cluster)."""
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+    def options(self) -> dict:
+        """Keyword arguments of `Deployment.options`."""
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "initial_replicas": max(self.min_replicas, 1),
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+
+
+class TargetConfig(_Strict):
+    """The target model's replicas: they verify, keep chat sessions' KV caches and talk to a draft."""
+
+    model: str = "qwen2.5-coder-1.5b"
+    """Target model: a prepared name (`specserve models list`), a local directory or a hub id."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype (float32 is fastest on CPUs without bf16 instructions; bfloat16 on GPUs)."""
+    threads: Optional[int] = Field(None, ge=1)
+    """torch threads per replica (None: torch's default)."""
+    local_draft: bool = True
+    """Also load the draft model inside each target replica, for mode sd (off saves its memory)."""
+    session_cache_size: int = Field(16, ge=1)
+    """Chat sessions whose KV cache a replica keeps (least recently used ones are dropped)."""
+    draft_timeout_s: float = Field(10.0, gt=0)
+    """How long the target waits for a draft proposal before it finishes the sequence alone."""
+    replicas: Replicas = Replicas()
+    """Scaling and resources of the target deployment."""
+
+
+class DraftConfig(_Strict):
+    """The draft model's replicas: each serves the gRPC speculation stream (SSD)."""
+
+    model: str = "qwen2.5-coder-0.5b"
+    """Draft model, same vocabulary as the target: a prepared name, a local directory or a hub id."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype."""
+    quantize: Literal["int8", "none"] = "int8"
+    """Dynamic int8 linears (CPU) or none (GPU)."""
+    threads: Optional[int] = Field(None, ge=1)
+    """torch threads per replica (None: torch's default)."""
+    host: str = "0.0.0.0"
+    """Interface the speculation gRPC server binds to; targets connect to this node's IP."""
+    port: int = Field(0, ge=0, le=65535)
+    """Port of the speculation gRPC server (0: any free port, reported to the targets)."""
+    replicas: Replicas = Replicas()
+    """Scaling and resources of the draft deployment."""
+
+
+class LimitsConfig(_Strict):
+    """What one request may ask for (larger requests get INVALID_ARGUMENT / RESOURCE_EXHAUSTED)."""
+
+    max_tokens: int = Field(1024, ge=1)
+    """The most new tokens a request may ask for."""
+    default_max_tokens: int = Field(128, ge=1)
+    """New tokens when a request does not say."""
+    max_prompt_chars: int = Field(200_000, ge=1)
+    """Longer prompts (or chat messages) are refused before tokenizing."""
+    k_max: int = Field(16, ge=1, le=64)
+    """The largest draft length (speculation.k) a request may ask for."""
+    default_mode: Optional[Literal["ar", "sd", "ssd"]] = None
+    """Mode of requests that do not say (None: ssd with a draft deployment, else ar)."""
+
+
+class AppConfig(_Strict):
+    """A specserve application: target and draft deployments, the router, sessions and limits."""
+
+    target: TargetConfig = TargetConfig()
+    """The target deployment."""
+    draft: Optional[DraftConfig] = DraftConfig()
+    """The draft deployment (null: no draft, only mode ar)."""
+    router: Replicas = Replicas(num_cpus=0.1, max_ongoing_requests=64, target_ongoing_requests=32)
+    """Scaling and resources of the router (the gRPC ingress)."""
+    redis_url: Optional[str] = None
+    """Session store: redis://host:port/db (None: $REDIS_URL, else in-memory, lost on restart)."""
+    session_ttl_s: float = Field(86400.0, gt=0)
+    """Sessions idle this long are forgotten."""
+    limits: LimitsConfig = LimitsConfig()
+    """Per-request limits."""
+
+    @model_validator(mode="after")
+    def _modes(self):
+        mode = self.limits.default_mode
+        if mode in ("sd", "ssd") and self.draft is None:
+            raise ValueError(f"limits.default_mode is {mode} but there is no draft: set draft or use ar")
+        if mode == "sd" and not self.target.local_draft:
+            raise ValueError("limits.default_mode is sd but target.local_draft is false: turn it on or use ssd")
+        return self
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The speculation modes this application can run."""
+        if self.draft is None:
+            return ("ar",)
+        return ("ar", "sd", "ssd") if self.target.local_draft else ("ar", "ssd")
+
+    @property
+    def default_mode(self) -> str:
+        return self.limits.default_mode or ("ssd" if self.draft is not None else "ar")
+
+    def resolved_redis_url(self) -> Optional[str]:
+        return self.redis_url or os.environ.get("REDIS_URL") or None
+
+
+def load_serve_config(path: str) -> tuple[AppConfig, dict]:
+    """Read a Serve config file (like deployments/serve_config.yaml) -> (its app's AppConfig, the file).
+
+    Checks the whole file against Ray's own schema first, so `serve run` would accept it too.
+    """
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    ServeDeploySchema.model_validate(raw)
+    apps = [a for a in raw.get("applications", []) if a.get("import_path", "").startswith("deployments.app:")]
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected one application with import_path deployments.app:build_app, "
+                         f"found {len(apps)}")
+    return AppConfig.model_validate(apps[0].get("args") or {}), raw

@@ -1,0 +1,80 @@
+"""TargetDeployment: a Ray Serve replica that owns the target model and runs the verify loop.
+
+`generate(params)` streams chunk dicts. A request sent with `multiplexed_model_id=session_id`
+gets that session's KV cache: Serve's model multiplexing routes a session back to the replica
+that already holds it and drops least-recently-used caches (`target.session_cache_size`); any
+other replica re-prefills from the history the router sends. The blocking torch work runs in a
+thread pool, one step per round, so a cancelled request stops after its current round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+from ray import serve
+
+from specserve.engine.models import load_model
+from specserve.serving.api import GenParams
+from specserve.serving.worker import SessionCache, TargetWorker, stream_in_pool
+
+from .config import DraftConfig, TargetConfig
+
+log = logging.getLogger("ray.serve")
+
+
+async def _new_session_cache(session_id: str) -> SessionCache:
+    return SessionCache()
+
+
+@serve.deployment(name="TargetDeployment")
+class TargetDeployment:
+    def __init__(self, config: dict, draft_config: dict | None = None, draft=None):
+        cfg = TargetConfig.model_validate(config)
+        target = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+        local = None
+        if draft_config is not None and cfg.local_draft:
+            d = DraftConfig.model_validate(draft_config)
+            local = load_model(d.model, dtype=d.dtype, threads=cfg.threads,
+                               quantize=None if d.quantize == "none" else d.quantize, tokenizer=False)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.draft, self._draft_error = draft, "this application has no draft deployment"
+        self.worker = TargetWorker(target, local, self._draft_address, cfg.draft_timeout_s, self.replica)
+        self.pool = ThreadPoolExecutor(max_workers=cfg.replicas.max_ongoing_requests + 1,
+                                       thread_name_prefix="target")
+        self.session_cache = serve.multiplexed(max_num_models_per_replica=cfg.session_cache_size)(
+            _new_session_cache)
+        self.timeout = cfg.draft_timeout_s
+
+    def _draft_address(self) -> str:
+        raise RuntimeError(self._draft_error)
+
+    async def _ensure_draft(self) -> None:
+        """Link this replica to a draft replica (once, and again after the link broke)."""
+        if self.draft is None or self.worker.has_draft:
+            return
+        try:
+            address = await asyncio.wait_for(self.draft.address.remote(), self.timeout)
+            await asyncio.get_running_loop().run_in_executor(self.pool, self.worker.connect_draft, address)
+        except Exception as exc:
+            self._draft_error = f"no draft replica answered: {type(exc).__name__}: {exc}"
+            log.warning(self._draft_error)
+
+    async def generate(self, params: GenParams) -> AsyncIterator[dict]:
+        sid = serve.get_multiplexed_model_id()
+        session = await self.session_cache(sid) if sid else None
+        if params.mode == "ssd":
+            await self._ensure_draft()
+        async for chunk in stream_in_pool(self.worker.stream(params, session), self.pool):
+            yield chunk
+
+    async def stats(self) -> dict:
+        """This replica: its id, the sequences streaming now, whether it holds a draft link."""
+        return {"replica": self.replica, "active": self.worker.active, "draft": self.worker.has_draft}
+
+    def __del__(self):
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()

@@ -1,0 +1,251 @@
+"""The serving logic without Ray: RouterCore over a TargetWorker in this process, real sessions.
+
+The Ray Serve app (tests/test_serve_app.py) wraps exactly these objects; here the same rules are
+checked in milliseconds: validation, exactness per mode, chat history and prefix reuse, one turn
+at a time, a target failing mid-turn, cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from specserve.engine.speculative import SpecConfig, generate
+from specserve.pipeline.draft_server import serve as serve_draft
+from specserve.serving.api import ApiError, GenParams, Limits, parse_generate, pb, stats_message
+from specserve.serving.router import RouterCore
+from specserve.serving.worker import SessionCache, TargetWorker, stream_in_pool
+from specserve.sessions import MemorySessionStore, RedisSessionStore
+
+PROMPTS = ["def add(a, b):", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def draft_server(tiny):
+    server = serve_draft(tiny["draft-same"], port=0)
+    yield server
+    server.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def worker(tiny, draft_server):
+    w = TargetWorker(tiny["target"], tiny["draft-same"], lambda: draft_server.address, draft_timeout=10.0,
+                     replica="r0")
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with ThreadPoolExecutor(4) as p:
+        yield p
+
+
+def local_target(worker, pool, caches: dict, fail_after: list | None = None):
+    """A TargetCall like the Router's Serve handle: sessions keep their cache in `caches`."""
+
+    async def call(p: GenParams, sid: str):
+        session = caches.setdefault(sid, SessionCache()) if sid else None
+        n = 0
+        async for chunk in stream_in_pool(worker.stream(p, session), pool):
+            if fail_after and n == fail_after[0]:
+                raise ConnectionError("replica died")
+            n += 1
+            yield chunk
+
+    return call
+
+
+def ar_ids(tiny, text: str, n: int) -> list[int]:
+    lm = tiny["target"]
+    return [t for c in generate(lm, None, lm.encode(text), n, spec=SpecConfig(mode="ar")) for t in c.token_ids]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(agen):
+    return [x async for x in agen]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def new_store(request, redis_server):
+    """A factory: a redis-py asyncio client is bound to the event loop that creates it."""
+    import uuid
+
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    return MemorySessionStore if request.param == "memory" else (lambda: RedisSessionStore(redis_server.url, prefix=prefix))
+
+
+# ---------------------------------------------------------------------------- stateless
+
+
+@pytest.mark.parametrize("mode", [pb.MODE_AR, pb.MODE_SD, pb.MODE_SSD])
+def test_generate_is_exact_in_every_mode(tiny, worker, pool, mode):
+    core = RouterCore(MemorySessionStore(), local_target(worker, pool, {}))
+    for text in PROMPTS:
+        req = pb.GenerateRequest(prompt=text, max_tokens=24, speculation=pb.SpeculationParams(mode=mode))
+        reply = run(core.generate(req))
+        assert list(reply.token_ids) == ar_ids(tiny, text, 24)
+        assert reply.stats.mode == {1: "ar", 2: "sd", 3: "ssd"}[mode] and reply.stats.replica == "r0"
+        chunks = run(collect(core.generate_stream(req)))
+        assert [t for c in chunks for t in c.token_ids] == list(reply.token_ids)
+        assert all(not c.HasField("stats") for c in chunks[:-1]) and chunks[-1].stats.new_tokens == 24
+    if mode == pb.MODE_SSD:
+        assert reply.stats.cache_hits > 0 and not reply.stats.fallback
+
+
+def test_ssd_without_a_draft_runs_ar_and_says_why(tiny, pool):
+    w = TargetWorker(tiny["target"], None, None, replica="solo")
+    core = RouterCore(MemorySessionStore(), local_target(w, pool, {}))
+    reply = run(core.generate(pb.GenerateRequest(prompt=PROMPTS[0], max_tokens=8)))
+    assert list(reply.token_ids) == ar_ids(tiny, PROMPTS[0], 8)
+    assert reply.stats.mode == "ar" and "no draft deployment" in reply.stats.fallback
+    with pytest.raises(ApiError, match="mode sd needs a draft") as e:
+        run(core.generate(pb.GenerateRequest(prompt="x", speculation=pb.SpeculationParams(mode=pb.MODE_SD))))
+    assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_worker_refuses_prompts_over_the_context_window(tiny, worker):
+    n = tiny["target"].max_len
+    with pytest.raises(ApiError, match=f"context window is {n}") as e:
+        next(worker.stream(GenParams(prompt_ids=[1] * n, mode="ar")))
+    assert e.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(ApiError, match="outside the vocabulary"):
+        next(worker.stream(GenParams(prompt_ids=[10 ** 6], mode="ar")))
+
+
+def test_limits_pick_the_default_mode_and_refuse_modes_not_served():
+    lim = Limits(modes=("ar",), default_mode="ar")
+    assert parse_generate(pb.GenerateRequest(prompt="x"), lim).mode == "ar"
+    with pytest.raises(ApiError, match="not available") as e:
+        parse_generate(pb.GenerateRequest(prompt="x", speculation=pb.SpeculationParams(mode=pb.MODE_SSD)), lim)
+    assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_stats_message_keeps_the_counters():
+    m = stats_message({"new_tokens": 5, "rounds": 2, "acceptance_rate": 0.5, "mode": "sd", "extra": 1,
+                       "fallback": ""})
+    assert (m.new_tokens, m.rounds, m.mode) == (5, 2, "sd") and abs(m.acceptance_rate - 0.5) < 1e-6
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+def test_three_turn_chat_keeps_history_and_reuses_the_prefix(worker, pool, new_store):
+    async def main():
+        core = RouterCore(new_store(), local_target(worker, pool, {}))
+        sid, out = "", []
+        for msg in ("hello there", "tell me more", "and once more"):
+            chunks = await collect(core.chat(pb.ChatRequest(session_id=sid, message=msg, max_tokens=10,
+                                                            system="be brief")))
+            sid = chunks[0].session_id
+            assert all(c.session_id == sid for c in chunks)
+            out.append(chunks)
+        session = await core.get_session(pb.GetSessionRequest(session_id=sid))
+        deleted = await core.delete_session(pb.DeleteSessionRequest(session_id=sid))
+        with pytest.raises(ApiError) as e:
+            await core.get_session(pb.GetSessionRequest(session_id=sid))
+        await core.store.close()
+        return sid, out, session, deleted, e.value
+
+    sid, out, session, deleted, err = run(main())
+    reused = [chunks[-1].stats.prefix_reused for chunks in out]
+    assert reused[0] == 0 and reused[1] > 0 and reused[2] > reused[1]
+    assert [t.role for t in session.turns] == ["system"] + ["user", "assistant"] * 3
+    assert session.turns[1].content == "hello there" and session.turns[5].content == "and once more"
+    for i, chunks in enumerate(out):  # each assistant turn is exactly what was streamed
+        assert session.turns[2 + 2 * i].content == "".join(c.text for c in chunks)
+        assert session.turns[2 + 2 * i].tokens == sum(len(c.token_ids) for c in chunks)
+    assert not session.busy and session.replica == "r0"
+    assert deleted.deleted
+    assert err.code == "NOT_FOUND" and sid in err.message
+
+
+def test_a_second_turn_at_the_same_time_is_refused(worker, pool, new_store):
+    async def main():
+        core = RouterCore(new_store(), local_target(worker, pool, {}))
+        first = await collect(core.chat(pb.ChatRequest(message="hi", max_tokens=4)))
+        sid = first[0].session_id
+
+        async def turn(msg):
+            try:
+                return await collect(core.chat(pb.ChatRequest(session_id=sid, message=msg, max_tokens=30)))
+            except ApiError as e:
+                return e
+
+        results = await asyncio.gather(turn("one"), turn("two"))
+        session = await core.get_session(pb.GetSessionRequest(session_id=sid))
+        await core.store.close()
+        return results, session
+
+    results, session = run(main())
+    errors = [r for r in results if isinstance(r, ApiError)]
+    assert len(errors) == 1 and errors[0].code == "FAILED_PRECONDITION"
+    assert [t.role for t in session.turns] == ["user", "assistant"] * 2  # never interleaved
+
+
+def test_target_failing_mid_turn_keeps_exactly_the_committed_tokens(worker, pool, new_store):
+    fail = [3]  # the "replica" dies after 3 chunks
+
+    async def main():
+        core = RouterCore(new_store(), local_target(worker, pool, {}, fail), retries=2)
+        got = []
+        with pytest.raises(ApiError) as e:
+            async for c in core.chat(pb.ChatRequest(message="hello", max_tokens=20,
+                                                    speculation=pb.SpeculationParams(mode=pb.MODE_AR))):
+                got.append(c)
+        sid = got[0].session_id
+        s = await core.get_session(pb.GetSessionRequest(session_id=sid))
+        fail.clear()  # the next turn works and sees the partial reply in its history
+        chunks = await collect(core.chat(pb.ChatRequest(session_id=sid, message="go on", max_tokens=5)))
+        after = await core.get_session(pb.GetSessionRequest(session_id=sid))
+        await core.store.close()
+        return got, e.value, s, chunks, after
+
+    got, err, s, chunks, after = run(main())
+    assert err.code == "UNAVAILABLE" and "retry" in err.message and len(got) == 3  # no retry after chunks went out
+    assert [t.role for t in s.turns] == ["user", "assistant"] and not s.turns[1].complete
+    assert s.turns[1].tokens == sum(len(c.token_ids) for c in got) and not s.busy
+    assert s.turns[1].content == "".join(c.text for c in got)
+    assert chunks[-1].stats.new_tokens == 5 and len(after.turns) == 4
+
+
+def test_failures_before_the_first_chunk_are_retried(worker, pool):
+    calls = []
+    inner = local_target(worker, pool, {})
+
+    async def flaky(p, sid):
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("replica restarting")
+        async for c in inner(p, sid):
+            yield c
+
+    core = RouterCore(MemorySessionStore(), flaky, retries=2)
+    reply = run(core.generate(pb.GenerateRequest(prompt="hi", max_tokens=4)))
+    assert len(calls) == 3 and len(reply.token_ids) == 4
+
+
+def test_cancelled_stream_frees_target_and_draft(worker, pool, draft_server):
+    core = RouterCore(MemorySessionStore(), local_target(worker, pool, {}))
+    req = pb.GenerateRequest(prompt=PROMPTS[0], max_tokens=400, speculation=pb.SpeculationParams(mode=pb.MODE_SSD))
+
+    async def cancel_early():
+        agen = core.generate_stream(req)
+        await agen.__anext__()
+        await agen.__anext__()
+        assert worker.active == 1 and draft_server.servicer.stats()["sequences_open"] == 1
+        await agen.aclose()  # what Serve does when the client goes away
+
+    run(cancel_early())
+    deadline = threading.Event()
+    for _ in range(50):
+        if worker.active == 0 and draft_server.servicer.stats()["sequences_open"] == 0:
+            break
+        deadline.wait(0.1)
+    assert worker.active == 0 and draft_server.servicer.stats()["sequences_open"] == 0
