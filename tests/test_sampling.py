@@ -50,6 +50,15 @@ def test_sampling_params_reject_bad_values(kwargs, field):
 
 # ---- rejection_sample: hand-built cases --------------------------------------------------------
 
+@pytest.mark.parametrize("t", [1e-30, 1e-45, 100.0])
+def test_warp_extreme_temperatures_stay_distributions(t):
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-3], [0.0, 0.0, -5.0, 1e4]])
+    p = warp(logits, temperature=t, top_p=0.9)
+    assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(2))
+    if t < 1:  # the greedy limit: all mass on the argmax
+        assert p.argmax(-1).tolist() == [1, 3] and (p.max(-1).values > 0.999).all()
+
+
 def test_all_accepted_gives_bonus_token():
     d = torch.tensor([3, 1, 4])
     n, t = rejection_sample(d, rows(3, 1, 4), rows(3, 1, 4, 7))

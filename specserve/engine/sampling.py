@@ -52,7 +52,9 @@ def warp(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: 
     logits = logits.float()
     if temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / temperature
+    # Shift the max to 0 first: a tiny temperature then sends the others to -inf (the greedy limit)
+    # instead of overflowing to inf - inf = NaN. Softmax, top-k and top-p are shift-invariant.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     V = logits.shape[-1]
     if 0 < top_k < V:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [..., 1]
