@@ -11,6 +11,7 @@ from ray import serve
 
 from specserve.engine.models import load_model
 from specserve.pipeline.draft_server import serve as serve_speculation
+from specserve.serving.worker import rss_mb
 
 from .config import DraftConfig
 
@@ -26,14 +27,15 @@ class DraftDeployment:
         if host in ("0.0.0.0", "::", "[::]"):  # bound to every interface: advertise this node's IP
             host = ray.util.get_node_ip_address()
         self._address = f"{host}:{port}"
+        self.replica = serve.get_replica_context().replica_id.unique_id
 
     async def address(self) -> str:
         """host:port of this replica's speculation server."""
         return self._address
 
     async def stats(self) -> dict:
-        """Streams and sequences open, Starts, Errors, speculation cache hits/misses."""
-        return {"address": self._address, **self.server.servicer.stats()}
+        """Streams and sequences open, Starts, Errors, speculation cache hits/misses, RSS."""
+        return {"replica": self.replica, "address": self._address, "rss_mb": round(rss_mb(), 1), **self.server.servicer.stats()}
 
     def __del__(self):
         server = getattr(self, "server", None)

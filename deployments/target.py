@@ -18,7 +18,7 @@ from ray import serve
 
 from specserve.engine.models import load_model
 from specserve.serving.api import GenParams
-from specserve.serving.worker import SessionCache, TargetWorker, stream_in_pool
+from specserve.serving.worker import SessionCache, TargetWorker, rss_mb, stream_in_pool
 
 from .config import DraftConfig, TargetConfig
 
@@ -71,8 +71,9 @@ class TargetDeployment:
             yield chunk
 
     async def stats(self) -> dict:
-        """This replica: its id, the sequences streaming now, whether it holds a draft link."""
-        return {"replica": self.replica, "active": self.worker.active, "draft": self.worker.has_draft}
+        """This replica: its id, the sequences streaming now, whether it holds a draft link, its RSS."""
+        return {"replica": self.replica, "active": self.worker.active, "draft": self.worker.has_draft,
+                "rss_mb": round(rss_mb(), 1)}
 
     def __del__(self):
         worker = getattr(self, "worker", None)

@@ -139,12 +139,24 @@ class DraftClient:
 
     def info(self, timeout: float | None = None) -> DraftInfo:
         """What the draft serves (check `vocab_size` against the target's before streaming)."""
+        if self._closed:
+            raise DraftUnavailable(f"the DraftClient to {self.address} is closed")
         try:
             r = self._stub.Info(pb.InfoRequest(), timeout=self._t(timeout))
         except grpc.RpcError as exc:
             raise DraftUnavailable(f"draft at {self.address} did not answer Info: "
                                    f"{exc.code().name}: {exc.details()}") from None
+        except ValueError as exc:  # the channel was closed meanwhile
+            raise DraftUnavailable(f"draft at {self.address}: {exc}") from None
         return DraftInfo(r.model, r.vocab_size, r.version, r.dtype, r.quantization or None, tuple(r.eos_ids))
+
+    def alive(self, timeout: float = 2.0) -> bool:
+        """Whether the draft answers Info within `timeout` (a busy draft does; a dead one does not)."""
+        try:
+            self.info(timeout)
+            return True
+        except DraftUnavailable:
+            return False
 
     def check_vocab(self, vocab_size: int, timeout: float | None = None) -> DraftInfo:
         """Info, raising ValueError when the draft's vocabulary differs from `vocab_size`."""
@@ -184,6 +196,8 @@ class DraftClient:
         """Report round `round`'s verification (`accepted` drafts, then `token`); return round + 1."""
         stream = self._seqs.get(seq)
         if stream is None:
+            if self._closed:  # closed under a running sequence (its draft went away): finish alone
+                raise DraftUnavailable(f"the DraftClient to {self.address} was closed")
             raise ValueError(f"sequence {seq!r} is not open on this client: start it first")
         stream.send(pb.TargetMessage(outcome=pb.Outcome(seq=seq, round=int(round), accepted=int(accepted),
                                                         token=int(token))))
@@ -262,13 +276,14 @@ class RemoteDrafter(Drafter):
     def __init__(self, client: DraftClient, prompt_ids: list[int], vocab_size: int,
                  sampling: SamplingParams | None = None, k: int | None = None, fanout: list[int] | None = None,
                  speculate: bool = True, seed: int | None = None, max_new_tokens: int | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, stop_prob: float = 0.0):
         import uuid
 
         sp = sampling or SamplingParams()
         self.client, self.prompt, self.V = client, [int(t) for t in prompt_ids], vocab_size
         self.params = spec_params(sp.temperature, sp.top_k, sp.top_p, k=k or DEFAULT_K, fanout=fanout,
-                                  speculate=speculate, seed=seed or 0, max_new_tokens=max_new_tokens)
+                                  speculate=speculate, seed=seed or 0, max_new_tokens=max_new_tokens,
+                                  stop_prob=stop_prob)
         self.seq = uuid.uuid4().hex
         self.timeout = timeout
         self.prop: RemoteProposal | None = None

@@ -28,9 +28,21 @@ from ..engine.speculative import SpecConfig, Stats, generate
 from ..pipeline.remote_drafter import DraftClient, RemoteDrafter
 from .api import ApiError, GenParams
 
-__all__ = ["TargetWorker", "SessionCache", "stream_in_pool"]
+__all__ = ["TargetWorker", "SessionCache", "stream_in_pool", "rss_mb"]
 
 log = logging.getLogger(__name__)
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MiB (Linux /proc; 0.0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 @dataclass
@@ -84,9 +96,14 @@ class TargetWorker:
         """Whether ssd requests have a draft link now."""
         return self._client is not None
 
-    def drop_draft(self) -> None:
-        """Forget the draft link (its worker died): the next ssd request asks for an address again."""
+    def drop_draft(self, client: DraftClient | None = None) -> None:
+        """Forget the draft link (its worker died): the next ssd request asks for an address again.
+
+        With `client`, only if that is still the link (another request may have replaced it).
+        """
         with self._lock:
+            if client is not None and self._client is not client:
+                return
             old, self._client = self._client, None
         if old is not None:
             old.close()
@@ -133,7 +150,7 @@ class TargetWorker:
         ids = self.encode(p)
         sp = SamplingParams(p.temperature, p.top_k, p.top_p)
         st = Stats()
-        mode, fallback, draft = p.mode, "", None
+        mode, fallback, draft, client = p.mode, "", None, None
         if mode == "sd":  # 3. pick the drafter
             if self.local_draft is None:
                 raise ApiError("FAILED_PRECONDITION", "speculation.mode sd needs a draft inside the target "
@@ -165,8 +182,8 @@ class TargetWorker:
         finally:
             with self._lock:
                 self.active -= 1
-            if st.fallback and mode == "ssd":
-                self.drop_draft()  # the draft died or stalled: reconnect on the next request
+            if st.fallback and client is not None and not client.alive():
+                self.drop_draft(client)  # the draft is gone (not merely slow): ask for a new one next time
             if session is not None and kv is not None:  # 5. keep prompt + output for the next turn
                 full = ids + out
                 kv.crop(min(kv.length, len(full)))
