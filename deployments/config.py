@@ -37,11 +37,20 @@ class Replicas(_Strict):
     """CPUs Ray reserves per replica (fractional on small CPU hosts; it does not cap torch threads)."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per replica (1 on a GPU cluster)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per replica, e.g. {specserve_target: 1}: the replica only lands on Ray nodes
+    that declare them (the RayService's target/draft worker groups do, see k8s/)."""
 
     @model_validator(mode="after")
     def _bounds(self):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        for name, amount in self.resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"resources.{name}: use num_cpus / num_gpus for built-in resources, "
+                                 f"resources is for custom ones like specserve_target")
+            if not amount >= 0:
+                raise ValueError(f"resources.{name} must be >= 0, got {amount}")
         return self
 
     def options(self) -> dict:
@@ -54,7 +63,8 @@ class Replicas(_Strict):
                 "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
             },
             "max_ongoing_requests": self.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  **({"resources": dict(self.resources)} if self.resources else {})},
         }
 
 
@@ -124,6 +134,9 @@ class AppConfig(_Strict):
     """Session store: redis://host:port/db (None: $REDIS_URL, else in-memory, lost on restart)."""
     session_ttl_s: float = Field(86400.0, gt=0)
     """Sessions idle this long are forgotten."""
+    auth_token: Optional[str] = None
+    """Bearer token every call must carry (`authorization: Bearer <token>`); `env:NAME` reads it from
+    the router's environment (a Kubernetes Secret). None: no token (fine on loopback; set one on a cluster)."""
     limits: LimitsConfig = LimitsConfig()
     """Per-request limits."""
 
@@ -149,6 +162,16 @@ class AppConfig(_Strict):
 
     def resolved_redis_url(self) -> Optional[str]:
         return self.redis_url or os.environ.get("REDIS_URL") or None
+
+    def resolved_auth_token(self) -> Optional[str]:
+        """The bearer token, with `env:NAME` read from the environment (ValueError when unset)."""
+        tok = self.auth_token
+        if tok and tok.startswith("env:"):
+            name = tok[4:]
+            tok = os.environ.get(name)
+            if not tok:
+                raise ValueError(f"auth_token is env:{name} but ${name} is not set in the router's environment")
+        return tok or None
 
 
 def load_serve_config(path: str) -> tuple[AppConfig, dict]:

@@ -16,7 +16,7 @@ import grpc
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
-from specserve.serving.api import ApiError, GenParams, Limits, pb
+from specserve.serving.api import ApiError, GenParams, Limits, check_bearer, pb
 from specserve.serving.router import RouterCore
 from specserve.sessions import open_store
 
@@ -71,7 +71,7 @@ def _stats(msg) -> dict | None:
             "ttft_s": s.ttft_s}
 
 
-_HTTP = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 413,
+_HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 413,
          "UNAVAILABLE": 503}
 
 
@@ -93,6 +93,11 @@ class Router:
         self.store = open_store(cfg.resolved_redis_url(), cfg.session_ttl_s)
         self.core = RouterCore(self.store, self._target, self.limits)
         self.metrics = _Metrics()
+        self.auth_token = cfg.resolved_auth_token()
+
+    def _check_auth(self, grpc_context) -> None:
+        md = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        check_bearer(self.auth_token, md.get("authorization"))
 
     def _target(self, params: GenParams, session_id: str) -> AsyncIterator[dict]:
         handle = self.target.options(stream=True, multiplexed_model_id=session_id)
@@ -101,6 +106,7 @@ class Router:
     async def _unary(self, method: str, call, empty, grpc_context):
         t0, code, out = time.perf_counter(), "OK", None
         try:
+            self._check_auth(grpc_context)
             out = await call
             return out
         except ApiError as e:
@@ -113,6 +119,7 @@ class Router:
     async def _stream(self, method: str, chunks, grpc_context):
         t0, code, last = time.perf_counter(), "OK", None
         try:
+            self._check_auth(grpc_context)
             async for msg in chunks:
                 last = msg
                 yield msg
@@ -158,6 +165,7 @@ class Router:
             return JSONResponse({"error": f"body is not a GenerateRequest in JSON: {e}"}, status_code=400)
         t0, code = time.perf_counter(), "OK"
         try:
+            check_bearer(self.auth_token, request.headers.get("authorization"))
             reply = await self.core.generate(req)
             return JSONResponse(json_format.MessageToDict(reply, preserving_proto_field_name=True))
         except ApiError as e:

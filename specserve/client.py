@@ -63,14 +63,21 @@ class Client:
 
     application: the Serve application name, needed only when the cluster runs several apps.
     timeout: a deadline in seconds for every call (None: no deadline).
+    token: the server's bearer token, when it requires one (sent as `authorization: Bearer ...`).
+
+    The client remembers the `session_token` of every session it started (`session_tokens`) and
+    sends it with later calls on that session; pass `session_token=` for a session started elsewhere.
     """
 
     def __init__(self, address: str = "127.0.0.1:9000", application: str | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, token: str | None = None):
         self.address, self.timeout = address, timeout
-        self.metadata = (("application", application),) if application else None
+        md = ([("application", application)] if application else []) + (
+            [("authorization", f"Bearer {token}")] if token else [])
+        self.metadata = tuple(md) or None
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.SpecServeStub(self.channel)
+        self.session_tokens: dict[str, str] = {}
 
     def _kw(self) -> dict:
         return {"timeout": self.timeout, "metadata": self.metadata}
@@ -89,25 +96,35 @@ class Client:
         except grpc.RpcError as e:
             raise _error(e) from None
 
-    def chat(self, message: str, session_id: str = "", system: str = "", **kw: Any) -> Iterator[pb.GenerateChunk]:
+    def chat(self, message: str, session_id: str = "", system: str = "", session_token: str | None = None,
+             **kw: Any) -> Iterator[pb.GenerateChunk]:
         """One turn of a chat session (empty session_id: a new one; read its id from any chunk)."""
-        req = pb.ChatRequest(session_id=session_id, message=message, system=system, **request_fields(**kw))
+        req = pb.ChatRequest(session_id=session_id, message=message, system=system,
+                             session_token=self._token(session_id, session_token), **request_fields(**kw))
         try:
-            yield from self.stub.Chat(req, **self._kw())
+            for chunk in self.stub.Chat(req, **self._kw()):
+                if chunk.session_token:
+                    self.session_tokens[chunk.session_id] = chunk.session_token
+                yield chunk
         except grpc.RpcError as e:
             raise _error(e) from None
 
-    def get_session(self, session_id: str) -> pb.Session:
+    def get_session(self, session_id: str, session_token: str | None = None) -> pb.Session:
+        req = pb.GetSessionRequest(session_id=session_id, session_token=self._token(session_id, session_token))
         try:
-            return self.stub.GetSession(pb.GetSessionRequest(session_id=session_id), **self._kw())
+            return self.stub.GetSession(req, **self._kw())
         except grpc.RpcError as e:
             raise _error(e) from None
 
-    def delete_session(self, session_id: str) -> bool:
+    def delete_session(self, session_id: str, session_token: str | None = None) -> bool:
+        req = pb.DeleteSessionRequest(session_id=session_id, session_token=self._token(session_id, session_token))
         try:
-            return self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw()).deleted
+            return self.stub.DeleteSession(req, **self._kw()).deleted
         except grpc.RpcError as e:
             raise _error(e) from None
+
+    def _token(self, session_id: str, given: str | None) -> str:
+        return given if given is not None else self.session_tokens.get(session_id, "")
 
     def close(self) -> None:
         self.channel.close()

@@ -202,6 +202,14 @@ class SessionStore:
         """Raise StoreUnavailable if the store cannot be reached."""
         raise NotImplementedError
 
+    async def server_key(self) -> bytes:
+        """A random secret shared by everyone using this store (created on first use, kept).
+
+        Routers sign session tokens with it, so every router replica, and a restarted one,
+        accepts the tokens the others gave out.
+        """
+        raise NotImplementedError
+
     async def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
         raise NotImplementedError
@@ -360,6 +368,11 @@ class MemorySessionStore(SessionStore):
             rec.partial = None
             rec.updated = now
             return self._view(session_id, rec)
+
+    async def server_key(self) -> bytes:
+        if not hasattr(self, "_key"):
+            self._key = secrets.token_bytes(32)
+        return self._key
 
     async def set_replica(self, session_id: str, replica: str) -> None:
         async with self._lock:
@@ -626,6 +639,13 @@ class RedisSessionStore(SessionStore):
     async def ping(self) -> None:
         with self._reachable():
             await self._r.ping()
+
+    async def server_key(self) -> bytes:
+        # Not a session key: ids cannot contain ':' and this one has no trailing ':<id>'.
+        key = self.prefix.rstrip(":") + "-server-key"
+        with self._reachable():
+            await self._r.set(key, secrets.token_hex(32), nx=True)
+            return bytes.fromhex(await self._r.get(key))
 
     async def close(self) -> None:
         await self._r.aclose()

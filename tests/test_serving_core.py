@@ -127,6 +127,24 @@ def test_limits_pick_the_default_mode_and_refuse_modes_not_served():
     assert e.value.code == "FAILED_PRECONDITION"
 
 
+def test_bearer_and_session_tokens():
+    from specserve.serving.api import check_bearer, check_session_token, session_token
+
+    check_bearer(None, None)  # no token configured: anyone
+    check_bearer("s3cret", "Bearer s3cret")
+    for bad in (None, "", "Bearer nope", "s3cret", "Bearer s3cret2"):
+        with pytest.raises(ApiError, match="authorization: Bearer") as e:
+            check_bearer("s3cret", bad)
+        assert e.value.code == "UNAUTHENTICATED"
+    k1, k2 = b"k" * 32, b"j" * 32
+    t = session_token(k1, "abc")
+    check_session_token(k1, "abc", t)
+    for key, sid, tok in ((k2, "abc", t), (k1, "abd", t), (k1, "abc", "")):
+        with pytest.raises(ApiError) as e:
+            check_session_token(key, sid, tok)
+        assert e.value.code == "PERMISSION_DENIED"
+
+
 def test_stats_message_keeps_the_counters():
     m = stats_message({"new_tokens": 5, "rounds": 2, "acceptance_rate": 0.5, "mode": "sd", "extra": 1,
                        "fallback": ""})
@@ -139,17 +157,24 @@ def test_stats_message_keeps_the_counters():
 def test_three_turn_chat_keeps_history_and_reuses_the_prefix(worker, pool, new_store):
     async def main():
         core = RouterCore(new_store(), local_target(worker, pool, {}))
-        sid, out = "", []
+        sid, tok, out = "", "", []
         for msg in ("hello there", "tell me more", "and once more"):
-            chunks = await collect(core.chat(pb.ChatRequest(session_id=sid, message=msg, max_tokens=10,
-                                                            system="be brief")))
-            sid = chunks[0].session_id
+            chunks = await collect(core.chat(pb.ChatRequest(session_id=sid, session_token=tok, message=msg,
+                                                            max_tokens=10, system="be brief")))
+            sid, tok = chunks[0].session_id, tok or chunks[0].session_token
             assert all(c.session_id == sid for c in chunks)
+            assert all(c.session_token == (tok if not out else "") for c in chunks)  # given out once
             out.append(chunks)
-        session = await core.get_session(pb.GetSessionRequest(session_id=sid))
-        deleted = await core.delete_session(pb.DeleteSessionRequest(session_id=sid))
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(ApiError) as denied:
             await core.get_session(pb.GetSessionRequest(session_id=sid))
+        assert denied.value.code == "PERMISSION_DENIED" and "session_token" in denied.value.message
+        with pytest.raises(ApiError) as denied:
+            await collect(core.chat(pb.ChatRequest(session_id=sid, session_token=tok[::-1], message="hi")))
+        assert denied.value.code == "PERMISSION_DENIED"
+        session = await core.get_session(pb.GetSessionRequest(session_id=sid, session_token=tok))
+        deleted = await core.delete_session(pb.DeleteSessionRequest(session_id=sid, session_token=tok))
+        with pytest.raises(ApiError) as e:
+            await core.get_session(pb.GetSessionRequest(session_id=sid, session_token=tok))
         await core.store.close()
         return sid, out, session, deleted, e.value
 
@@ -170,16 +195,17 @@ def test_a_second_turn_at_the_same_time_is_refused(worker, pool, new_store):
     async def main():
         core = RouterCore(new_store(), local_target(worker, pool, {}))
         first = await collect(core.chat(pb.ChatRequest(message="hi", max_tokens=4)))
-        sid = first[0].session_id
+        sid, tok = first[0].session_id, first[0].session_token
 
         async def turn(msg):
             try:
-                return await collect(core.chat(pb.ChatRequest(session_id=sid, message=msg, max_tokens=30)))
+                return await collect(core.chat(pb.ChatRequest(session_id=sid, session_token=tok, message=msg,
+                                                              max_tokens=30)))
             except ApiError as e:
                 return e
 
         results = await asyncio.gather(turn("one"), turn("two"))
-        session = await core.get_session(pb.GetSessionRequest(session_id=sid))
+        session = await core.get_session(pb.GetSessionRequest(session_id=sid, session_token=tok))
         await core.store.close()
         return results, session
 
@@ -199,11 +225,12 @@ def test_target_failing_mid_turn_keeps_exactly_the_committed_tokens(worker, pool
             async for c in core.chat(pb.ChatRequest(message="hello", max_tokens=20,
                                                     speculation=pb.SpeculationParams(mode=pb.MODE_AR))):
                 got.append(c)
-        sid = got[0].session_id
-        s = await core.get_session(pb.GetSessionRequest(session_id=sid))
+        sid, tok = got[0].session_id, got[0].session_token
+        s = await core.get_session(pb.GetSessionRequest(session_id=sid, session_token=tok))
         fail.clear()  # the next turn works and sees the partial reply in its history
-        chunks = await collect(core.chat(pb.ChatRequest(session_id=sid, message="go on", max_tokens=5)))
-        after = await core.get_session(pb.GetSessionRequest(session_id=sid))
+        chunks = await collect(core.chat(pb.ChatRequest(session_id=sid, session_token=tok, message="go on",
+                                                        max_tokens=5)))
+        after = await core.get_session(pb.GetSessionRequest(session_id=sid, session_token=tok))
         await core.store.close()
         return got, e.value, s, chunks, after
 

@@ -8,6 +8,8 @@ models or sessions storage, so every rule here is tested without a server.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import re
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any
 from ..v1 import serving_pb2 as pb
 
 __all__ = ["pb", "ApiError", "Limits", "GenParams", "parse_generate", "parse_chat", "check_session_id",
+           "check_bearer", "session_token", "check_session_token",
            "stats_message", "chunk_message", "reply_message", "session_message", "MODE_NAMES"]
 
 MODE_NAMES = {pb.MODE_AR: "ar", pb.MODE_SD: "sd", pb.MODE_SSD: "ssd"}
@@ -175,6 +178,29 @@ def parse_chat(req: pb.ChatRequest, limits: Limits) -> GenParams:
     return _common(GenParams(), req, limits)
 
 
+# ---------------------------------------------------------------------------- access
+
+
+def check_bearer(expected: str | None, authorization: str | None) -> None:
+    """The server's bearer token (None: no auth) against a request's `authorization` value."""
+    if not expected:
+        return
+    if not authorization or not hmac.compare_digest(authorization.strip().encode(), f"Bearer {expected}".encode()):
+        raise ApiError("UNAUTHENTICATED", "this server needs a bearer token: send the metadata "
+                                          "'authorization: Bearer <token>' (Client(..., token=...))")
+
+
+def session_token(key: bytes, session_id: str) -> str:
+    """The token that opens session `session_id` (an HMAC of its id under the server's key)."""
+    return hmac.new(key, session_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def check_session_token(key: bytes, session_id: str, token: str) -> None:
+    if not token or not hmac.compare_digest(token.encode(), session_token(key, session_id).encode()):
+        raise ApiError("PERMISSION_DENIED", f"session {session_id!r} needs its session_token: send the one the "
+                                            "session's first Chat reply carried (specserve.client.Client keeps it)")
+
+
 # ---------------------------------------------------------------------------- replies
 
 _STAT_FIELDS = ("prompt_tokens", "new_tokens", "rounds", "draft_tokens", "accepted_tokens", "acceptance_rate",
@@ -187,9 +213,10 @@ def stats_message(stats: dict) -> pb.Stats:
     return pb.Stats(**{k: stats[k] for k in _STAT_FIELDS if stats.get(k) is not None})
 
 
-def chunk_message(chunk: dict, session_id: str = "") -> pb.GenerateChunk:
+def chunk_message(chunk: dict, session_id: str = "", session_token: str = "") -> pb.GenerateChunk:
     """A target chunk {token_ids, text, stats?} -> GenerateChunk."""
-    msg = pb.GenerateChunk(token_ids=chunk["token_ids"], text=chunk["text"], session_id=session_id)
+    msg = pb.GenerateChunk(token_ids=chunk["token_ids"], text=chunk["text"], session_id=session_id,
+                           session_token=session_token)
     if chunk.get("stats"):
         msg.stats.CopyFrom(stats_message(chunk["stats"]))
     return msg

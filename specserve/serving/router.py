@@ -7,7 +7,8 @@ Ray Serve handle call that routes a session to the replica holding its KV prefix
 `TargetWorker` in this process.
 
 A Chat turn, step by step:
-  1. validate the request; no session_id -> create a session (with the system prompt)
+  1. validate the request and the session's token; no session_id -> create a session (with the
+     system prompt) and give its token out with every chunk of this turn
   2. begin the turn: the store appends the user message and locks the session (a second turn
      at the same time fails with FAILED_PRECONDITION, so a history never interleaves)
   3. the target templates the whole history, reusing its cached prefix, and streams rounds
@@ -24,8 +25,8 @@ import logging
 from typing import AsyncIterator, Callable
 
 from ..sessions import SessionBusy, SessionError, SessionNotFound, SessionStore, StoreUnavailable
-from .api import (ApiError, GenParams, Limits, check_session_id, chunk_message, parse_chat, parse_generate,
-                  pb, reply_message, session_message)
+from .api import (ApiError, GenParams, Limits, check_session_id, check_session_token, chunk_message, parse_chat,
+                  parse_generate, pb, reply_message, session_message, session_token)
 
 __all__ = ["RouterCore", "TargetCall", "store_error", "target_error"]
 
@@ -65,6 +66,17 @@ class RouterCore:
                  lease_s: float = 600.0, retries: int = 2):
         self.store, self.target, self.limits, self.lease_s = store, target, limits or Limits(), lease_s
         self.retries = retries
+        self._key: bytes | None = None
+
+    async def _session_key(self) -> bytes:
+        if self._key is None:
+            self._key = await self.store.server_key()
+        return self._key
+
+    async def _authorize(self, session_id: str, token: str) -> str:
+        check_session_id(session_id)
+        check_session_token(await self._session_key(), session_id, token)
+        return session_id
 
     async def _stream(self, p: GenParams, sid: str) -> AsyncIterator[dict]:
         """The target's chunks; a failure before the first chunk is retried, later ones are raised."""
@@ -106,8 +118,13 @@ class RouterCore:
 
     async def chat(self, req: pb.ChatRequest) -> AsyncIterator[pb.GenerateChunk]:
         p = parse_chat(req, self.limits)  # 1.
+        new_token = ""
         try:
-            sid = req.session_id or (await self.store.create(system=req.system or None)).id
+            if req.session_id:
+                sid = await self._authorize(req.session_id, req.session_token)
+            else:
+                sid = (await self.store.create(system=req.system or None)).id
+                new_token = session_token(await self._session_key(), sid)
             turn = await self.store.begin_turn(sid, req.message, self.lease_s)  # 2.
             session = await self.store.get(sid)
         except SessionError as e:
@@ -121,7 +138,7 @@ class RouterCore:
                     await self.store.append(sid, turn, chunk["token_ids"], chunk["text"])  # 4.
                 if chunk.get("stats"):
                     replica = chunk["stats"].get("replica", "")
-                yield chunk_message(chunk, sid)
+                yield chunk_message(chunk, sid, new_token)
             complete = True
         except SessionError as e:
             raise store_error(e) from None
@@ -140,12 +157,13 @@ class RouterCore:
 
     async def get_session(self, req: pb.GetSessionRequest) -> pb.Session:
         try:
-            return session_message(await self.store.get(check_session_id(req.session_id)))
+            return session_message(await self.store.get(await self._authorize(req.session_id, req.session_token)))
         except SessionError as e:
             raise store_error(e) from None
 
     async def delete_session(self, req: pb.DeleteSessionRequest) -> pb.DeleteSessionReply:
         try:
-            return pb.DeleteSessionReply(deleted=await self.store.delete(check_session_id(req.session_id)))
+            sid = await self._authorize(req.session_id, req.session_token)
+            return pb.DeleteSessionReply(deleted=await self.store.delete(sid))
         except SessionError as e:
             raise store_error(e) from None

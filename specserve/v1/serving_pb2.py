@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecserve/v1/serving.proto\x12\x0cspecserve.v1\"\x8c\x01\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"s\n\x11SpeculationParams\x12 \n\x04mode\x18\x01 \x01(\x0e\x32\x12.specserve.v1.Mode\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06\x66\x61nout\x18\x03 \x03(\x05\x12\x16\n\x0eno_speculation\x18\x04 \x01(\x08\x42\x04\n\x02_k\"\xd9\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x0c\n\x04\x63hat\x18\x03 \x01(\x08\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.specserve.v1.Sampling\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x34\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1f.specserve.v1.SpeculationParamsB\r\n\x0b_max_tokens\"\xd8\x01\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06system\x18\x03 \x01(\t\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.specserve.v1.Sampling\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x34\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1f.specserve.v1.SpeculationParamsB\r\n\x0b_max_tokens\"\xe4\x02\n\x05Stats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x06 \x01(\x02\x12\x12\n\ncache_hits\x18\x07 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x08 \x01(\r\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\t \x01(\x02\x12\x0e\n\x06ttft_s\x18\n \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\x0b \x01(\x02\x12\x11\n\telapsed_s\x18\x0c \x01(\x02\x12\x15\n\rprefix_reused\x18\r \x01(\r\x12\x15\n\rfinish_reason\x18\x0e \x01(\t\x12\x0c\n\x04mode\x18\x0f \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x10 \x01(\t\x12\x0f\n\x07replica\x18\x11 \x01(\t\"T\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x05stats\x18\x03 \x01(\x0b\x32\x13.specserve.v1.Stats\"h\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\"\n\x05stats\x18\x04 \x01(\x0b\x32\x13.specserve.v1.Stats\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"G\n\x04Turn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x0e\n\x06tokens\x18\x04 \x01(\r\"\x8f\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x05turns\x18\x02 \x03(\x0b\x32\x12.specserve.v1.Turn\x12\x0f\n\x07replica\x18\x03 \x01(\t\x12\x16\n\x0e\x63reated_unix_s\x18\x04 \x01(\x01\x12\x16\n\x0eupdated_unix_s\x18\x05 \x01(\x01\x12\x0c\n\x04\x62usy\x18\x06 \x01(\x08\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteSessionReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08*D\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0b\n\x07MODE_AR\x10\x01\x12\x0b\n\x07MODE_SD\x10\x02\x12\x0c\n\x08MODE_SSD\x10\x03\x32\x82\x03\n\tSpecServe\x12\x46\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1b.specserve.v1.GenerateReply\x12N\n\x0eGenerateStream\x12\x1d.specserve.v1.GenerateRequest\x1a\x1b.specserve.v1.GenerateChunk0\x01\x12@\n\x04\x43hat\x12\x19.specserve.v1.ChatRequest\x1a\x1b.specserve.v1.GenerateChunk0\x01\x12\x44\n\nGetSession\x12\x1f.specserve.v1.GetSessionRequest\x1a\x15.specserve.v1.Session\x12U\n\rDeleteSession\x12\".specserve.v1.DeleteSessionRequest\x1a .specserve.v1.DeleteSessionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecserve/v1/serving.proto\x12\x0cspecserve.v1\"\x8c\x01\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"s\n\x11SpeculationParams\x12 \n\x04mode\x18\x01 \x01(\x0e\x32\x12.specserve.v1.Mode\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06\x66\x61nout\x18\x03 \x03(\x05\x12\x16\n\x0eno_speculation\x18\x04 \x01(\x08\x42\x04\n\x02_k\"\xd9\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x0c\n\x04\x63hat\x18\x03 \x01(\x08\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.specserve.v1.Sampling\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x34\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1f.specserve.v1.SpeculationParamsB\r\n\x0b_max_tokens\"\xef\x01\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06system\x18\x03 \x01(\t\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.specserve.v1.Sampling\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x34\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1f.specserve.v1.SpeculationParams\x12\x15\n\rsession_token\x18\x08 \x01(\tB\r\n\x0b_max_tokens\"\xe4\x02\n\x05Stats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x06 \x01(\x02\x12\x12\n\ncache_hits\x18\x07 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x08 \x01(\r\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\t \x01(\x02\x12\x0e\n\x06ttft_s\x18\n \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\x0b \x01(\x02\x12\x11\n\telapsed_s\x18\x0c \x01(\x02\x12\x15\n\rprefix_reused\x18\r \x01(\r\x12\x15\n\rfinish_reason\x18\x0e \x01(\t\x12\x0c\n\x04mode\x18\x0f \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x10 \x01(\t\x12\x0f\n\x07replica\x18\x11 \x01(\t\"T\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x05stats\x18\x03 \x01(\x0b\x32\x13.specserve.v1.Stats\"\x7f\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\"\n\x05stats\x18\x04 \x01(\x0b\x32\x13.specserve.v1.Stats\x12\x15\n\rsession_token\x18\x05 \x01(\t\">\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"G\n\x04Turn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x0e\n\x06tokens\x18\x04 \x01(\r\"\x8f\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x05turns\x18\x02 \x03(\x0b\x32\x12.specserve.v1.Turn\x12\x0f\n\x07replica\x18\x03 \x01(\t\x12\x16\n\x0e\x63reated_unix_s\x18\x04 \x01(\x01\x12\x16\n\x0eupdated_unix_s\x18\x05 \x01(\x01\x12\x0c\n\x04\x62usy\x18\x06 \x01(\x08\"A\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"%\n\x12\x44\x65leteSessionReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08*D\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0b\n\x07MODE_AR\x10\x01\x12\x0b\n\x07MODE_SD\x10\x02\x12\x0c\n\x08MODE_SSD\x10\x03\x32\x82\x03\n\tSpecServe\x12\x46\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1b.specserve.v1.GenerateReply\x12N\n\x0eGenerateStream\x12\x1d.specserve.v1.GenerateRequest\x1a\x1b.specserve.v1.GenerateChunk0\x01\x12@\n\x04\x43hat\x12\x19.specserve.v1.ChatRequest\x1a\x1b.specserve.v1.GenerateChunk0\x01\x12\x44\n\nGetSession\x12\x1f.specserve.v1.GetSessionRequest\x1a\x15.specserve.v1.Session\x12U\n\rDeleteSession\x12\".specserve.v1.DeleteSessionRequest\x1a .specserve.v1.DeleteSessionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specserve.v1.serving_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=1637
-  _globals['_MODE']._serialized_end=1705
+  _globals['_MODE']._serialized_start=1729
+  _globals['_MODE']._serialized_end=1797
   _globals['_SAMPLING']._serialized_start=45
   _globals['_SAMPLING']._serialized_end=185
   _globals['_SPECULATIONPARAMS']._serialized_start=187
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=305
   _globals['_GENERATEREQUEST']._serialized_end=522
   _globals['_CHATREQUEST']._serialized_start=525
-  _globals['_CHATREQUEST']._serialized_end=741
-  _globals['_STATS']._serialized_start=744
-  _globals['_STATS']._serialized_end=1100
-  _globals['_GENERATEREPLY']._serialized_start=1102
-  _globals['_GENERATEREPLY']._serialized_end=1186
-  _globals['_GENERATECHUNK']._serialized_start=1188
-  _globals['_GENERATECHUNK']._serialized_end=1292
-  _globals['_GETSESSIONREQUEST']._serialized_start=1294
-  _globals['_GETSESSIONREQUEST']._serialized_end=1333
-  _globals['_TURN']._serialized_start=1335
-  _globals['_TURN']._serialized_end=1406
-  _globals['_SESSION']._serialized_start=1409
-  _globals['_SESSION']._serialized_end=1552
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1554
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1596
-  _globals['_DELETESESSIONREPLY']._serialized_start=1598
-  _globals['_DELETESESSIONREPLY']._serialized_end=1635
-  _globals['_SPECSERVE']._serialized_start=1708
-  _globals['_SPECSERVE']._serialized_end=2094
+  _globals['_CHATREQUEST']._serialized_end=764
+  _globals['_STATS']._serialized_start=767
+  _globals['_STATS']._serialized_end=1123
+  _globals['_GENERATEREPLY']._serialized_start=1125
+  _globals['_GENERATEREPLY']._serialized_end=1209
+  _globals['_GENERATECHUNK']._serialized_start=1211
+  _globals['_GENERATECHUNK']._serialized_end=1338
+  _globals['_GETSESSIONREQUEST']._serialized_start=1340
+  _globals['_GETSESSIONREQUEST']._serialized_end=1402
+  _globals['_TURN']._serialized_start=1404
+  _globals['_TURN']._serialized_end=1475
+  _globals['_SESSION']._serialized_start=1478
+  _globals['_SESSION']._serialized_end=1621
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1623
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1688
+  _globals['_DELETESESSIONREPLY']._serialized_start=1690
+  _globals['_DELETESESSIONREPLY']._serialized_end=1727
+  _globals['_SPECSERVE']._serialized_start=1800
+  _globals['_SPECSERVE']._serialized_end=2186
 # @@protoc_insertion_point(module_scope)
