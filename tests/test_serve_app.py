@@ -8,7 +8,6 @@ engine's plain autoregressive decoding of the same prompts.
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 
@@ -20,29 +19,14 @@ from specserve.engine.speculative import SpecConfig, generate
 from specserve.v1 import serving_pb2 as pb
 from specserve.v1 import serving_pb2_grpc as pb_grpc
 
+from serve_helpers import APP, deployment_stats, replica_actor, serve_app
+
 ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-
-APP = "specserve"
 PROMPTS = ["def add(a, b):", "The quick brown fox", "class Stack:", "x = [1, 2, 3]"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def app(tiny_dir, redis_server):
-    from ray.serve.config import gRPCOptions
-
-    from deployments.app import GRPC_SERVICER, build_app
-
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()},
-                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))
     cfg = {
         "target": {"model": str(tiny_dir / "target"), "threads": 1, "draft_timeout_s": 10.0,
                    "replicas": {"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.3}},
@@ -52,12 +36,8 @@ def app(tiny_dir, redis_server):
         "redis_url": redis_server.url,
         "limits": {"max_tokens": 400},
     }
-    try:
-        serve.run(build_app(cfg), name=APP, route_prefix="/")
-        yield f"127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_app(cfg, APP) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -75,19 +55,11 @@ def expected(tiny):
 
 
 def _target_stats() -> list[dict]:
-    """stats() of every target replica (asked until both answered)."""
-    h = serve.get_deployment_handle("TargetDeployment", APP)
-    seen: dict[str, dict] = {}
-    for _ in range(40):
-        s = h.stats.remote().result()
-        seen[s["replica"]] = s
-        if len(seen) == 2:
-            break
-    return list(seen.values())
+    return deployment_stats("TargetDeployment", replicas=2)
 
 
 def _draft_stats() -> dict:
-    return serve.get_deployment_handle("DraftDeployment", APP).stats.remote().result()
+    return deployment_stats("DraftDeployment")[0]
 
 
 # ---------------------------------------------------------------------------- exactness
@@ -128,6 +100,8 @@ def test_eight_concurrent_streams_from_separate_clients_are_exact(app, expected)
 
 
 def _turn(client, sid, message, **kw):
+    if sid:  # a replica announces the sessions it caches to the routers within ~0.1-1 s (Serve's
+        time.sleep(1.5)  # multiplexing); a person typing the next turn is slower than that
     chunks = list(client.chat(message, session_id=sid, **kw))
     return chunks[0].session_id, chunks
 
@@ -162,7 +136,8 @@ def test_two_concurrent_turns_on_one_session(client, app):
     def turn(i):
         with Client(app, timeout=60) as c:
             try:
-                outcomes[i] = list(c.chat(f"message {i}", session_id=sid, max_tokens=300, mode="ar"))
+                outcomes[i] = list(c.chat(f"message {i}", session_id=sid, max_tokens=300, mode="ar",
+                                          session_token=client.session_tokens[sid]))
             except ClientError as e:
                 outcomes[i] = e
 
@@ -224,8 +199,10 @@ BAD = [
     ("token id outside the vocabulary", "GenerateStream", _GEN(prompt_ids=[10 ** 6]), "INVALID_ARGUMENT",
      "vocabulary"),
     ("huge prompt", "Generate", _GEN(prompt="x" * 200_001), "RESOURCE_EXHAUSTED", "prompt"),
-    ("unknown session (chat)", "Chat", pb.ChatRequest(session_id="nope", message="hi"), "NOT_FOUND", "session"),
-    ("unknown session (get)", "GetSession", pb.GetSessionRequest(session_id="nope"), "NOT_FOUND", "session"),
+    ("session without its token (chat)", "Chat", pb.ChatRequest(session_id="nope", message="hi"),
+     "PERMISSION_DENIED", "session_token"),
+    ("session without its token (get)", "GetSession", pb.GetSessionRequest(session_id="nope"), "PERMISSION_DENIED",
+     "session_token"),
     ("malformed session id", "GetSession", pb.GetSessionRequest(session_id="a b"), "INVALID_ARGUMENT",
      "session_id"),
     ("empty chat message", "Chat", pb.ChatRequest(message="  "), "INVALID_ARGUMENT", "message"),
@@ -242,6 +219,17 @@ def test_bad_requests_get_a_status_and_a_message_naming_the_field(client, name, 
             list(out)
     assert e.value.code().name == code, (name, e.value.details())
     assert words in e.value.details(), (name, e.value.details())
+
+
+def test_unknown_sessions_are_not_found(client):
+    sid, _ = _turn(client, "", "hi", max_tokens=2)
+    token = client.session_tokens[sid]
+    assert client.delete_session(sid) is True
+    for call in (lambda: client.get_session(sid), lambda: list(client.chat("again", session_id=sid))):
+        with pytest.raises(ClientError) as e:
+            call()
+        assert e.value.code == "NOT_FOUND" and sid in e.value.details
+    assert client.delete_session(sid, session_token=token) is False
 
 
 def test_the_server_still_serves_after_bad_requests(client, expected):
@@ -274,10 +262,7 @@ def test_killing_the_session_replica_between_turns_loses_nothing(client):
     replica = first[-1].stats.replica
     sid, second = _turn(client, sid, "and this", max_tokens=10)
     assert second[-1].stats.replica == replica and second[-1].stats.prefix_reused > 0  # affinity
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if "TargetDeployment" in a["name"] and a["name"].endswith(replica)]
-    assert len(names) == 1, names
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    ray.kill(replica_actor("TargetDeployment", replica), no_restart=True)
     sid, third = _turn(client, sid, "what did I say?", max_tokens=10)
     st = third[-1].stats
     assert st.replica != replica and st.new_tokens == 10

@@ -1,0 +1,59 @@
+"""Start and stop a real Ray Serve application for a test module (Ray + Serve take ~20 s)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+APP = "specserve"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(cfg: dict, name: str = APP):
+    """Local Ray (2 CPUs), Serve with the gRPC proxy on a free port, the app; yields host:port."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from deployments.app import GRPC_SERVICER, build_app
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))
+        serve.run(build_app(cfg), name=name, route_prefix="/")
+        yield f"127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def replica_actor(deployment: str, replica: str):
+    """The Ray actor of a Serve replica, by its deployment and replica id (as stats report it)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if deployment in a["name"] and a["name"].endswith(replica)]
+    assert len(names) == 1, f"no single actor for {deployment} replica {replica}: {names}"
+    return ray.get_actor(names[0], namespace="serve")
+
+
+def deployment_stats(deployment: str, replicas: int = 1, app: str = APP, tries: int = 40) -> list[dict]:
+    """stats() of every replica of a deployment (asked until `replicas` distinct ones answered)."""
+    from ray import serve
+
+    h = serve.get_deployment_handle(deployment, app)
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        s = h.stats.remote().result()
+        seen[s.get("replica") or s.get("address")] = s
+        if len(seen) >= replicas:
+            break
+    return list(seen.values())
