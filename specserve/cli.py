@@ -132,6 +132,22 @@ def _build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--out", default=None, help="write the full results as JSON")
     bs.add_argument("--no-warmup", action="store_true")
 
+    lt = sub.add_parser("loadtest", help="concurrent streaming clients against a running server, for a while")
+    lt.add_argument("--address", default="127.0.0.1:9000", help="the server's gRPC address (default 127.0.0.1:9000)")
+    lt.add_argument("--concurrency", type=int, default=8, help="concurrent streaming clients (default 8)")
+    lt.add_argument("--duration", type=float, default=30.0, help="seconds to send requests for (default 30)")
+    lt.add_argument("--max-requests", type=int, default=None, help="stop after this many requests (default: none)")
+    lt.add_argument("--prompts", default="chat", help="chat | humaneval | FILE.jsonl (default chat)")
+    lt.add_argument("--n", type=int, default=20, help="prompts to cycle through (default 20)")
+    lt.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    lt.add_argument("--mode", default=None, choices=["ar", "sd", "ssd"], help="speculation mode (default: the server's)")
+    lt.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; replies are checked for exactness)")
+    lt.add_argument("--token", default=None, help="bearer token, when the server requires one")
+    lt.add_argument("--out", default=None, help="write the summary as JSON")
+
+    k = sub.add_parser("k8s", help="Kubernetes manifests: `specserve k8s render [--check]` (see k8s/README.md)")
+    k.add_argument("k8s_args", nargs=argparse.REMAINDER, help="render [--check] [--root DIR]")
+
     b = sub.add_parser("bench", help="compare ar, hf-assisted and sd on the same prompts")
     _add_model_flags(b, draft_required=True)
     b.add_argument("--prompts", default="humaneval", help="humaneval | chat | FILE.jsonl (default humaneval)")
@@ -428,6 +444,24 @@ def cmd_bench_server(args) -> int:
     return 0
 
 
+def cmd_loadtest(args) -> int:
+    from .bench import load_prompts
+    from .loadtest import format_load, run_load
+
+    try:
+        prompts = [p.text for p in load_prompts(args.prompts, args.n)]
+        res = run_load(args.address, prompts, args.concurrency, args.duration, args.max_tokens, args.mode,
+                       args.temperature, args.max_requests, args.token)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    summary = res.summary()
+    print(format_load(summary))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0 if res.requests and not res.errors and not res.mismatches else 1
+
+
 def cmd_serve(args) -> int:
     from pathlib import Path
 
@@ -486,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_simulate(args)
         if args.cmd == "bench-server":
             return cmd_bench_server(args)
+        if args.cmd == "k8s":
+            from .k8s import main as k8s_main
+
+            return k8s_main(args.k8s_args)
+        if args.cmd == "loadtest":
+            return cmd_loadtest(args)
         if args.cmd == "serve":
             return cmd_serve(args)
         if args.cmd == "chat":
