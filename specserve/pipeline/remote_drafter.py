@@ -267,6 +267,9 @@ class RemoteDrafter(Drafter):
     """One sequence of the engine's loop, drafted by a remote SSD worker behind a DraftClient.
 
     The worker owns k, fan-out and speculation (it must know them before the outcome arrives);
+    `stop_prob` is sd's early-stop rule on the draft side (a proposal ends after a token the draft
+    gives less than this probability; 0 always drafts k): on the real pair it lifts acceptance from
+    0.67 to 0.80 and the cache hit rate from 0.59 to 0.74 (README, SSD);
     the loop verifies whatever prefix of each proposal fits its budget. `feedback` reports the
     outcome and waits for the next proposal: a cache hit answers at once, a miss after a
     just-in-time draft. Every wait has a deadline; a late or broken draft raises DraftUnavailable
@@ -276,7 +279,7 @@ class RemoteDrafter(Drafter):
     def __init__(self, client: DraftClient, prompt_ids: list[int], vocab_size: int,
                  sampling: SamplingParams | None = None, k: int | None = None, fanout: list[int] | None = None,
                  speculate: bool = True, seed: int | None = None, max_new_tokens: int | None = None,
-                 timeout: float | None = None, stop_prob: float = 0.0):
+                 timeout: float | None = None, stop_prob: float = 0.5):
         import uuid
 
         sp = sampling or SamplingParams()
