@@ -75,6 +75,8 @@ class TargetConfig(_Strict):
     """Target model: a prepared name (`specserve models list`), a local directory or a hub id."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights' dtype (float32 is fastest on CPUs without bf16 instructions; bfloat16 on GPUs)."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """auto (the replica's GPU when Ray gave it one, else the CPU), cpu, or cuda[:N]."""
     threads: Optional[int] = Field(None, ge=1)
     """torch threads per replica (None: torch's default)."""
     local_draft: bool = True
@@ -94,6 +96,8 @@ class DraftConfig(_Strict):
     """Draft model, same vocabulary as the target: a prepared name, a local directory or a hub id."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights' dtype."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """auto (the replica's GPU when Ray gave it one and quantize is none, else the CPU), cpu, or cuda[:N]."""
     quantize: Literal["int8", "none"] = "int8"
     """Dynamic int8 linears (CPU) or none (GPU)."""
     threads: Optional[int] = Field(None, ge=1)

@@ -21,7 +21,8 @@ class DraftDeployment:
     def __init__(self, config: dict):
         cfg = DraftConfig.model_validate(config)
         quantize = None if cfg.quantize == "none" else cfg.quantize
-        self.lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, quantize=quantize, tokenizer=False)
+        self.lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, quantize=quantize, tokenizer=False,
+                             device=cfg.device)
         self.server = serve_speculation(self.lm, port=cfg.port, threads=cfg.threads, host=cfg.host)
         host, port = self.server.address.rsplit(":", 1)
         if host in ("0.0.0.0", "::", "[::]"):  # bound to every interface: advertise this node's IP

@@ -33,11 +33,11 @@ async def _new_session_cache(session_id: str) -> SessionCache:
 class TargetDeployment:
     def __init__(self, config: dict, draft_config: dict | None = None, draft=None):
         cfg = TargetConfig.model_validate(config)
-        target = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+        target = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=cfg.device)
         local = None
         if draft_config is not None and cfg.local_draft:
             d = DraftConfig.model_validate(draft_config)
-            local = load_model(d.model, dtype=d.dtype, threads=cfg.threads,
+            local = load_model(d.model, dtype=d.dtype, threads=cfg.threads, device=d.device,
                                quantize=None if d.quantize == "none" else d.quantize, tokenizer=False)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.draft, self._draft_error = draft, "this application has no draft deployment"

@@ -122,7 +122,7 @@ def _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client=None, fan
 
 @torch.inference_mode()
 def _run_hf_assisted(target, draft, ids, max_new, sp, seed) -> Record:
-    x = torch.tensor([ids])
+    x = torch.tensor([ids]).to(target.model.device)
     kw = dict(do_sample=False) if sp.greedy else dict(do_sample=True, temperature=sp.temperature,
                                                       top_k=sp.top_k or None, top_p=sp.top_p)
     if seed is not None:

@@ -57,6 +57,7 @@ def test_serve_yaml_parses_with_rays_schema_and_the_builder_accepts_it():
     ({"draft": None, "limits": {"default_mode": "ssd"}}, "no draft"),
     ({"target": {"local_draft": False}, "limits": {"default_mode": "sd"}}, "local_draft"),
     ({"limits": {"k_max": 0}}, "k_max"),
+    ({"target": {"device": "gpu"}}, "device"),
 ])
 def test_bad_configs_name_the_field(args, words):
     with pytest.raises(ValidationError, match=words):

@@ -172,3 +172,24 @@ def test_missing_model_directory(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope"):
         load_model(str(missing))
+
+
+def test_device_choice_is_checked_and_auto_falls_back_to_the_cpu(tiny_dir):
+    import torch
+
+    from specserve.engine.models import load_model, resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto", quantize="int8") == "cpu"  # dynamic int8 runs on the CPU only
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == "cpu"
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="CPU-only"):
+        resolve_device("cuda:0", quantize="int8")
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("tpu")
+    lm = load_model(str(tiny_dir / "draft-same"), device="auto")
+    cache = lm.new_cache()
+    logits = cache.forward([1, 2, 3])
+    assert logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.shape[0] == 3

@@ -20,9 +20,23 @@ import torch
 
 from .kernels import pack_linears
 
-__all__ = ["LM", "KVCache", "load_model", "set_threads", "DTYPES", "check_pair"]
+__all__ = ["LM", "KVCache", "load_model", "set_threads", "DTYPES", "check_pair", "resolve_device"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str, quantize: str | None = None) -> str:
+    """"cpu", "cuda" (or "cuda:N"), or "auto" (CUDA when torch sees a GPU, unless int8 asks for the CPU)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() and quantize is None else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if device.startswith("cuda"):
+        if quantize is not None:
+            raise ValueError(f"quantize {quantize} is CPU-only (torch dynamic quantization): use none on {device}")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} asked for, but torch sees no CUDA GPU: use cpu or auto")
+    return device
 
 
 def set_threads(threads: int | None) -> None:
@@ -94,6 +108,7 @@ class KVCache:
         from transformers import DynamicCache
 
         self.model = model
+        self.device = getattr(model, "device", torch.device("cpu"))
         self.cache = DynamicCache(config=model.config)
         self.length = 0
 
@@ -101,9 +116,10 @@ class KVCache:
     def forward(self, ids: list[int] | torch.Tensor, keep: int | None = None) -> torch.Tensor:
         """Append `ids` ([n] or [B, n]) and return float32 logits of the last `keep` positions.
 
-        Returns [keep, V] for 1-D input, [B, keep, V] for 2-D input (keep defaults to n).
+        Returns [keep, V] for 1-D input, [B, keep, V] for 2-D input (keep defaults to n), on the CPU
+        whatever the model's device (sampling and rejection run there).
         """
-        x = torch.as_tensor(ids, dtype=torch.long)
+        x = torch.as_tensor(ids, dtype=torch.long).to(self.device)
         batched = x.dim() == 2
         x = x if batched else x[None]  # [B, n]
         n = x.shape[1]
@@ -111,7 +127,7 @@ class KVCache:
         keep = n if keep is None else min(keep, n)
         out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         self.length += n
-        logits = out.logits[:, -keep:].float()  # [B, keep, V]
+        logits = out.logits[:, -keep:].float().cpu()  # [B, keep, V]
         return logits if batched else logits[0]
 
     def crop(self, length: int) -> None:
@@ -128,7 +144,7 @@ class KVCache:
 
     def select(self, index: int) -> None:
         """Keep only branch `index` of a batched cache (batch becomes 1)."""
-        self.cache.batch_select_indices(torch.tensor([index]))
+        self.cache.batch_select_indices(torch.tensor([index], device=self.device))
 
 
 def _resolve(name_or_path: str, dtype: str) -> str:
@@ -151,6 +167,7 @@ def load_model(
     quantize: str | None = None,
     tokenizer: bool = True,
     kernels: str = "auto",
+    device: str = "cpu",
 ) -> LM:
     """Load a causal LM for CPU/GPU inference.
 
@@ -160,6 +177,8 @@ def load_model(
       or for a target only as the user's explicit choice).
     kernels: "auto" (pack float32 Linear weights for oneDNN on CPU, see kernels.py), "packed",
       or "plain" (PyTorch's default nn.Linear).
+    device: "cpu", "cuda[:N]" or "auto" (CUDA when available and not int8). On a GPU the model's
+      forwards run there and logits come back to the CPU for sampling.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,6 +190,7 @@ def load_model(
         raise ValueError(f"quantize must be 'int8' or unset, got {quantize!r}")
     if kernels not in ("auto", "packed", "plain"):
         raise ValueError(f"kernels must be auto, packed or plain, got {kernels!r}")
+    device = resolve_device(device, quantize)
     set_threads(threads)
     src = _resolve(str(name_or_path), dtype)
     t0 = time.perf_counter()
@@ -181,6 +201,9 @@ def load_model(
     if quantize == "int8":
         model = quantize_int8(model)
         used = "int8"
+    elif device != "cpu":
+        model.to(device)
+        used = device
     elif kernels != "plain" and dtype == "float32" and pack_linears(model):
         used = "packed"
     tok = AutoTokenizer.from_pretrained(src) if tokenizer else None

@@ -152,10 +152,11 @@ def forward_branches(cache: KVCache, ids: torch.Tensor, pos: torch.Tensor, mask:
     part in cache-column space (query offset = cache length) and ANDs the 2-D mask in, so a
     branch sees exactly the columns its mask keeps, while positions come from `pos` only.
     """
-    out = cache.model(input_ids=ids[:, None], attention_mask=mask, position_ids=pos[:, None],
+    dev = cache.device
+    out = cache.model(input_ids=ids[:, None].to(dev), attention_mask=mask.to(dev), position_ids=pos[:, None].to(dev),
                       past_key_values=cache.cache, use_cache=True, logits_to_keep=1)
     cache.length += 1
-    return out.logits[:, -1].float()
+    return out.logits[:, -1].float().cpu()
 
 
 def _truncate(cache: KVCache, length: int) -> None:
