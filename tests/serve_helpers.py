@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 
 APP = "specserve"
 
@@ -24,7 +25,15 @@ def serve_app(cfg: dict, name: str = APP):
     from deployments.app import GRPC_SERVICER, build_app
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # a raylet now and then fails to come up on a busy 2-core machine
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(3)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))
