@@ -45,34 +45,30 @@ class _Metrics:
         self.ttft = Histogram("specserve_ttft_s", "Time to first token in seconds (target replica).",
                               boundaries=_LATENCY_BOUNDS, tag_keys=tags)
 
-    def done(self, method: str, code: str, t0: float, stats: dict | None) -> None:
+    def done(self, method: str, code: str, t0: float, stats: pb.Stats | None) -> None:
         """Record one finished request (never fails it: metrics are best effort)."""
         tags = {"method": method}
         try:
             self.requests.inc(1, {"method": method, "code": code})
             self.latency.observe(time.perf_counter() - t0, tags)
-            if stats:
+            if stats is not None:
                 for counter, key in ((self.tokens, "new_tokens"), (self.rounds, "rounds"),
                                      (self.drafted, "draft_tokens"), (self.accepted, "accepted_tokens"),
                                      (self.hits, "cache_hits"), (self.misses, "cache_misses")):
-                    if stats.get(key):
-                        counter.inc(stats[key], tags)
-                self.ttft.observe(stats.get("ttft_s", 0.0), tags)
+                    if getattr(stats, key):
+                        counter.inc(getattr(stats, key), tags)
+                self.ttft.observe(stats.ttft_s, tags)
         except Exception:  # pragma: no cover
             log.exception("metrics failed")
 
 
-def _stats(msg) -> dict | None:
-    if not msg.HasField("stats"):
-        return None
-    s = msg.stats
-    return {"new_tokens": s.new_tokens, "rounds": s.rounds, "draft_tokens": s.draft_tokens,
-            "accepted_tokens": s.accepted_tokens, "cache_hits": s.cache_hits, "cache_misses": s.cache_misses,
-            "ttft_s": s.ttft_s}
+def _stats(msg) -> pb.Stats | None:
+    """The stats a reply or a stream's last chunk carries, if any."""
+    return msg.stats if msg is not None and msg.HasField("stats") else None
 
 
-_HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 413,
-         "UNAVAILABLE": 503}
+_HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+         "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 413, "UNAVAILABLE": 503}
 
 
 def _fail(context, e: ApiError) -> None:
@@ -114,7 +110,7 @@ class Router:
             _fail(grpc_context, e)
             return empty
         finally:
-            self.metrics.done(method, code, t0, _stats(out) if method == "Generate" and out else None)
+            self.metrics.done(method, code, t0, _stats(out) if method == "Generate" else None)
 
     async def _stream(self, method: str, chunks, grpc_context):
         t0, code, last = time.perf_counter(), "OK", None
@@ -128,7 +124,7 @@ class Router:
             _fail(grpc_context, e)
             raise  # Serve sends the status set on the context (and logs the refusal)
         finally:
-            self.metrics.done(method, code, t0, _stats(last) if last is not None else None)
+            self.metrics.done(method, code, t0, _stats(last))
 
     # ------------------------------------------------------------------ specserve.v1.SpecServe
 
@@ -145,6 +141,10 @@ class Router:
 
     async def GetSession(self, request: pb.GetSessionRequest, grpc_context=None) -> pb.Session:
         return await self._unary("GetSession", self.core.get_session(request), pb.Session(), grpc_context)
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, grpc_context=None) -> pb.DeleteSessionReply:
+        return await self._unary("DeleteSession", self.core.delete_session(request), pb.DeleteSessionReply(),
+                                 grpc_context)
 
     # ------------------------------------------------------------------ optional HTTP (JSON)
 
@@ -173,7 +173,3 @@ class Router:
             return JSONResponse({"error": e.message, "code": e.code}, status_code=_HTTP.get(e.code, 500))
         finally:
             self.metrics.done("http_generate", code, t0, None)
-
-    async def DeleteSession(self, request: pb.DeleteSessionRequest, grpc_context=None) -> pb.DeleteSessionReply:
-        return await self._unary("DeleteSession", self.core.delete_session(request), pb.DeleteSessionReply(),
-                                 grpc_context)

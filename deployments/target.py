@@ -40,16 +40,13 @@ class TargetDeployment:
             local = load_model(d.model, dtype=d.dtype, threads=cfg.threads, device=d.device,
                                quantize=None if d.quantize == "none" else d.quantize, tokenizer=False)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.draft, self._draft_error = draft, "this application has no draft deployment"
-        self.worker = TargetWorker(target, local, self._draft_address, cfg.draft_timeout_s, self.replica)
+        self.draft = draft
+        self.worker = TargetWorker(target, local, cfg.draft_timeout_s, self.replica)
         self.pool = ThreadPoolExecutor(max_workers=cfg.replicas.max_ongoing_requests + 1,
                                        thread_name_prefix="target")
         self.session_cache = serve.multiplexed(max_num_models_per_replica=cfg.session_cache_size)(
             _new_session_cache)
         self.timeout = cfg.draft_timeout_s
-
-    def _draft_address(self) -> str:
-        raise RuntimeError(self._draft_error)
 
     async def _ensure_draft(self) -> None:
         """Link this replica to a draft replica (once, and again after the link broke)."""
@@ -58,9 +55,9 @@ class TargetDeployment:
         try:
             address = await asyncio.wait_for(self.draft.address.remote(), self.timeout)
             await asyncio.get_running_loop().run_in_executor(self.pool, self.worker.connect_draft, address)
-        except Exception as exc:
-            self._draft_error = f"no draft replica answered: {type(exc).__name__}: {exc}"
-            log.warning(self._draft_error)
+        except Exception as exc:  # ssd requests run as ar until a draft answers, and say why
+            self.worker.draft_error = f"no draft replica answered: {type(exc).__name__}: {exc}"
+            log.warning(self.worker.draft_error)
 
     async def generate(self, params: GenParams) -> AsyncIterator[dict]:
         sid = serve.get_multiplexed_model_id()

@@ -267,6 +267,7 @@ class MemorySessionStore(SessionStore):
         self._lock = asyncio.Lock()
         self._data: dict[str, _Record] = {}
         self._swept = time.time()
+        self._key = secrets.token_bytes(32)
 
     def _live(self, sid: str, now: float) -> _Record:
         _check_id(sid)
@@ -370,8 +371,6 @@ class MemorySessionStore(SessionStore):
             return self._view(session_id, rec)
 
     async def server_key(self) -> bytes:
-        if not hasattr(self, "_key"):
-            self._key = secrets.token_bytes(32)
         return self._key
 
     async def set_replica(self, session_id: str, replica: str) -> None:

@@ -28,14 +28,7 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A private redis-server (free port, temp dir, AOF fsync always); never the machine's 6379."""
-    import shutil
+    from redis_server import private_redis
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH: install it (apt-get install redis-server) to run the Redis tests")
-    from redis_server import RedisServer
-
-    server = RedisServer(dir=tmp_path_factory.mktemp("redis")).start()
-    try:
+    with private_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()

@@ -6,6 +6,7 @@ the port and the dir, so what the AOF holds survives it.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
@@ -79,3 +80,17 @@ class RedisServer:
     def restart(self, kill: bool = False) -> RedisServer:
         self.stop(kill=kill)
         return self.start()
+
+
+@contextlib.contextmanager
+def private_redis(dir: str | Path):
+    """A started RedisServer in `dir`, stopped on exit; skips the test when redis-server is missing."""
+    import pytest
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH: install it (apt-get install redis-server) to run the Redis tests")
+    server = RedisServer(dir=dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -39,15 +39,10 @@ DOCUMENTED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RES
 @pytest.fixture(scope="module")
 def redis_aof(tmp_path_factory):
     """This module's own redis-server (AOF on): the tests stop and restart it."""
-    import shutil
+    from redis_server import private_redis
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH: install it (apt-get install redis-server)")
-    from redis_server import RedisServer
-
-    server = RedisServer(dir=tmp_path_factory.mktemp("redis-aof")).start()
-    yield server
-    server.stop()
+    with private_redis(tmp_path_factory.mktemp("redis-aof")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

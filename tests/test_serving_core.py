@@ -32,8 +32,8 @@ def draft_server(tiny):
 
 @pytest.fixture(scope="module")
 def worker(tiny, draft_server):
-    w = TargetWorker(tiny["target"], tiny["draft-same"], lambda: draft_server.address, draft_timeout=10.0,
-                     replica="r0")
+    w = TargetWorker(tiny["target"], tiny["draft-same"], draft_timeout=10.0, replica="r0")
+    w.connect_draft(draft_server.address)
     yield w
     w.close()
 
@@ -100,7 +100,7 @@ def test_generate_is_exact_in_every_mode(tiny, worker, pool, mode):
 
 
 def test_ssd_without_a_draft_runs_ar_and_says_why(tiny, pool):
-    w = TargetWorker(tiny["target"], None, None, replica="solo")
+    w = TargetWorker(tiny["target"], None, replica="solo")
     core = RouterCore(MemorySessionStore(), local_target(w, pool, {}))
     reply = run(core.generate(pb.GenerateRequest(prompt=PROMPTS[0], max_tokens=8)))
     assert list(reply.token_ids) == ar_ids(tiny, PROMPTS[0], 8)

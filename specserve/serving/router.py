@@ -97,22 +97,11 @@ class RouterCore:
     # ------------------------------------------------------------------ stateless
 
     async def generate_stream(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
-        p = parse_generate(req, self.limits)
-        try:
-            async for chunk in self._stream(p, ""):
-                yield chunk_message(chunk)
-        except Exception as e:
-            raise target_error(e) from None
+        async for chunk in self._stream(parse_generate(req, self.limits), ""):
+            yield chunk_message(chunk)
 
     async def generate(self, req: pb.GenerateRequest) -> pb.GenerateReply:
-        p = parse_generate(req, self.limits)
-        chunks = []
-        try:
-            async for chunk in self._stream(p, ""):
-                chunks.append(chunk)
-        except Exception as e:
-            raise target_error(e) from None
-        return reply_message(chunks)
+        return reply_message([chunk async for chunk in self._stream(parse_generate(req, self.limits), "")])
 
     # ------------------------------------------------------------------ sessions
 
@@ -140,10 +129,8 @@ class RouterCore:
                     replica = chunk["stats"].get("replica", "")
                 yield chunk_message(chunk, sid, new_token)
             complete = True
-        except SessionError as e:
+        except SessionError as e:  # target failures come out of _stream as ApiError already
             raise store_error(e) from None
-        except Exception as e:
-            raise target_error(e) from None
         finally:  # 5. also when the client went away (cancellation): shield the bookkeeping
             await asyncio.shield(self._end_turn(sid, turn, complete, replica))
 

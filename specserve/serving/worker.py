@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Iterator
 
 from ..engine.models import LM, KVCache
 from ..engine.sampling import SamplingParams
@@ -38,8 +39,6 @@ def rss_mb() -> float:
     try:
         with open("/proc/self/statm") as f:
             pages = int(f.read().split()[1])
-        import os
-
         return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
     except (OSError, ValueError, IndexError):
         return 0.0
@@ -67,15 +66,15 @@ class SessionCache:
 class TargetWorker:
     """The target model of one replica, with an optional in-process draft and a draft link.
 
-    draft_address: a callable returning "host:port" of a draft worker (it may raise); called when
-      an ssd request finds no healthy DraftClient.
+    The link is made by `connect_draft(address)`; while there is none, ssd requests run as ar and
+    their stats say `draft_error` (set it to why the last attempt to link failed).
     """
 
-    def __init__(self, target: LM, local_draft: LM | None = None,
-                 draft_address: Callable[[], str] | None = None, draft_timeout: float = 10.0,
+    def __init__(self, target: LM, local_draft: LM | None = None, draft_timeout: float = 10.0,
                  replica: str = ""):
         self.target, self.local_draft = target, local_draft
-        self.draft_address, self.draft_timeout, self.replica = draft_address, draft_timeout, replica
+        self.draft_timeout, self.replica = draft_timeout, replica
+        self.draft_error = "this replica has no draft deployment"
         self._client: DraftClient | None = None
         self._lock = threading.Lock()
         self.active = 0  # sequences streaming right now (tests watch cancellation through this)
@@ -107,19 +106,6 @@ class TargetWorker:
             old, self._client = self._client, None
         if old is not None:
             old.close()
-
-    def _draft_client(self) -> tuple[DraftClient | None, str]:
-        with self._lock:
-            client = self._client
-        if client is not None:
-            return client, ""
-        if self.draft_address is None:
-            return None, "this replica has no draft deployment"
-        try:
-            self.connect_draft(self.draft_address())
-        except Exception as exc:  # no draft replica, or it does not answer: run as ar, say why
-            return None, f"no draft: {exc}"
-        return self._client, ""
 
     # ------------------------------------------------------------------ generation
 
@@ -157,9 +143,10 @@ class TargetWorker:
                                                       "replica (target.local_draft in the config): use ssd or ar")
             draft = self.local_draft
         elif mode == "ssd":
-            client, why = self._draft_client()
-            if client is None:
-                mode, fallback = "ar", why
+            with self._lock:
+                client = self._client
+            if client is None:  # no draft reachable: run as ar, say why
+                mode, fallback = "ar", self.draft_error
             else:
                 draft = RemoteDrafter(client, ids, self.target.vocab_size, sp, p.k, p.fanout or None,
                                       p.speculate, p.seed, p.max_tokens, self.draft_timeout)
