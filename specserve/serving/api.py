@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..sessions.store import SESSION_ID
 from ..v1 import serving_pb2 as pb
 
 __all__ = ["pb", "ApiError", "Limits", "GenParams", "parse_generate", "parse_chat", "check_session_id",
@@ -22,7 +22,6 @@ __all__ = ["pb", "ApiError", "Limits", "GenParams", "parse_generate", "parse_cha
            "stats_message", "chunk_message", "reply_message", "session_message", "MODE_NAMES"]
 
 MODE_NAMES = {pb.MODE_AR: "ar", pb.MODE_SD: "sd", pb.MODE_SSD: "ssd"}
-_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class ApiError(Exception):
@@ -160,7 +159,7 @@ def parse_generate(req: pb.GenerateRequest, limits: Limits) -> GenParams:
 
 
 def check_session_id(session_id: str) -> str:
-    if not _SESSION_ID.match(session_id):
+    if not SESSION_ID.match(session_id):
         raise _invalid(f"session_id {session_id[:40]!r} is malformed: use the id a Chat reply gave "
                        "(1-128 of A-Z a-z 0-9 _ -), or leave it empty to start a new session")
     return session_id
