@@ -11,7 +11,7 @@ from ray import serve
 
 from specserve.engine.models import load_model
 from specserve.pipeline.draft_server import serve as serve_speculation
-from specserve.serving.worker import rss_mb
+from specserve.serving.replica import rss_mb
 
 from .config import DraftConfig
 
@@ -20,8 +20,7 @@ from .config import DraftConfig
 class DraftDeployment:
     def __init__(self, config: dict):
         cfg = DraftConfig.model_validate(config)
-        quantize = None if cfg.quantize == "none" else cfg.quantize
-        self.lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, quantize=quantize, tokenizer=False,
+        self.lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, quantize=cfg.quantize, tokenizer=False,
                              device=cfg.device)
         self.server = serve_speculation(self.lm, port=cfg.port, threads=cfg.threads, host=cfg.host)
         host, port = self.server.address.rsplit(":", 1)

@@ -18,7 +18,7 @@ from ray import serve
 
 from specserve.engine.models import load_model
 from specserve.serving.api import GenParams
-from specserve.serving.worker import SessionCache, TargetWorker, rss_mb, stream_in_pool
+from specserve.serving.replica import SessionCache, TargetReplica, rss_mb, stream_in_pool
 
 from .config import DraftConfig, TargetConfig
 
@@ -38,10 +38,10 @@ class TargetDeployment:
         if draft_config is not None and cfg.local_draft:
             d = DraftConfig.model_validate(draft_config)
             local = load_model(d.model, dtype=d.dtype, threads=cfg.threads, device=d.device,
-                               quantize=None if d.quantize == "none" else d.quantize, tokenizer=False)
+                               quantize=d.quantize, tokenizer=False)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.draft = draft
-        self.worker = TargetWorker(target, local, cfg.draft_timeout_s, self.replica)
+        self.replica_core = TargetReplica(target, local, cfg.draft_timeout_s, self.replica)
         self.pool = ThreadPoolExecutor(max_workers=cfg.replicas.max_ongoing_requests + 1,
                                        thread_name_prefix="target")
         self.session_cache = serve.multiplexed(max_num_models_per_replica=cfg.session_cache_size)(
@@ -50,29 +50,29 @@ class TargetDeployment:
 
     async def _ensure_draft(self) -> None:
         """Link this replica to a draft replica (once, and again after the link broke)."""
-        if self.draft is None or self.worker.has_draft:
+        if self.draft is None or self.replica_core.has_draft:
             return
         try:
             address = await asyncio.wait_for(self.draft.address.remote(), self.timeout)
-            await asyncio.get_running_loop().run_in_executor(self.pool, self.worker.connect_draft, address)
+            await asyncio.get_running_loop().run_in_executor(self.pool, self.replica_core.connect_draft, address)
         except Exception as exc:  # ssd requests run as ar until a draft answers, and say why
-            self.worker.draft_error = f"no draft replica answered: {type(exc).__name__}: {exc}"
-            log.warning(self.worker.draft_error)
+            self.replica_core.draft_error = f"no draft replica answered: {type(exc).__name__}: {exc}"
+            log.warning(self.replica_core.draft_error)
 
     async def generate(self, params: GenParams) -> AsyncIterator[dict]:
         sid = serve.get_multiplexed_model_id()
         session = await self.session_cache(sid) if sid else None
         if params.mode == "ssd":
             await self._ensure_draft()
-        async for chunk in stream_in_pool(self.worker.stream(params, session), self.pool):
+        async for chunk in stream_in_pool(self.replica_core.stream(params, session), self.pool):
             yield chunk
 
     async def stats(self) -> dict:
         """This replica: its id, the sequences streaming now, whether it holds a draft link, its RSS."""
-        return {"replica": self.replica, "active": self.worker.active, "draft": self.worker.has_draft,
+        return {"replica": self.replica, "active": self.replica_core.active, "draft": self.replica_core.has_draft,
                 "rss_mb": round(rss_mb(), 1)}
 
     def __del__(self):
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            worker.close()
+        core = getattr(self, "replica_core", None)
+        if core is not None:
+            core.close()

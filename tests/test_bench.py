@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from specserve.bench import load_prompts
+from specserve.tools.bench import load_prompts
 from specserve.cli import main
 
 
@@ -28,7 +28,7 @@ def test_bench_tiny_all_modes(tiny_dir, tmp_path, capsys):
 
 def test_bench_reports_a_mismatch(tiny, monkeypatch):
     """A mode whose tokens differ from ar's is reported, with the first differing position."""
-    import specserve.bench as bench
+    import specserve.tools.bench as bench
 
     real = bench._run_engine
 

@@ -327,7 +327,7 @@ def test_redis_down_and_back(client, redis_aof):
 
 
 def test_soak_16_streams_for_60_seconds(app, ar):
-    from specserve.loadtest import run_load
+    from specserve.tools.loadtest import run_load
 
     prompts = ["def add(a, b):", "The quick brown fox", "class Stack:", "x = [1, 2, 3]"]
     run_load(app, prompts, concurrency=4, duration_s=3, max_tokens=32, token=TOKEN)  # warm up

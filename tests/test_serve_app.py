@@ -153,7 +153,7 @@ def test_two_concurrent_turns_on_one_session(client, app):
 
 
 def test_chat_cli_repl(client):
-    from specserve.chat import run_chat
+    from specserve.client.chat import run_chat
 
     out, err = io.StringIO(), io.StringIO()
     code = run_chat(client, inp=io.StringIO("hello\n/history\n/quit\n"), out=out, err=err, max_tokens=6)

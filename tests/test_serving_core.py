@@ -1,4 +1,4 @@
-"""The serving logic without Ray: RouterCore over a TargetWorker in this process, real sessions.
+"""The serving logic without Ray: RouterCore over a TargetReplica in this process, real sessions.
 
 The Ray Serve app (tests/test_serve_app.py) wraps exactly these objects; here the same rules are
 checked in milliseconds: validation, exactness per mode, chat history and prefix reuse, one turn
@@ -17,7 +17,7 @@ from specserve.engine.speculative import SpecConfig, generate
 from specserve.pipeline.draft_server import serve as serve_draft
 from specserve.serving.api import ApiError, GenParams, Limits, parse_generate, pb, stats_message
 from specserve.serving.router import RouterCore
-from specserve.serving.worker import SessionCache, TargetWorker, stream_in_pool
+from specserve.serving.replica import SessionCache, TargetReplica, stream_in_pool
 from specserve.sessions import MemorySessionStore, RedisSessionStore
 
 PROMPTS = ["def add(a, b):", "The quick brown fox"]
@@ -31,8 +31,8 @@ def draft_server(tiny):
 
 
 @pytest.fixture(scope="module")
-def worker(tiny, draft_server):
-    w = TargetWorker(tiny["target"], tiny["draft-same"], draft_timeout=10.0, replica="r0")
+def replica(tiny, draft_server):
+    w = TargetReplica(tiny["target"], tiny["draft-same"], draft_timeout=10.0, replica="r0")
     w.connect_draft(draft_server.address)
     yield w
     w.close()
@@ -44,13 +44,13 @@ def pool():
         yield p
 
 
-def local_target(worker, pool, caches: dict, fail_after: list | None = None):
+def local_target(replica, pool, caches: dict, fail_after: list | None = None):
     """A TargetCall like the Router's Serve handle: sessions keep their cache in `caches`."""
 
     async def call(p: GenParams, sid: str):
         session = caches.setdefault(sid, SessionCache()) if sid else None
         n = 0
-        async for chunk in stream_in_pool(worker.stream(p, session), pool):
+        async for chunk in stream_in_pool(replica.stream(p, session), pool):
             if fail_after and n == fail_after[0]:
                 raise ConnectionError("replica died")
             n += 1
@@ -85,8 +85,8 @@ def new_store(request, redis_server):
 
 
 @pytest.mark.parametrize("mode", [pb.MODE_AR, pb.MODE_SD, pb.MODE_SSD])
-def test_generate_is_exact_in_every_mode(tiny, worker, pool, mode):
-    core = RouterCore(MemorySessionStore(), local_target(worker, pool, {}))
+def test_generate_is_exact_in_every_mode(tiny, replica, pool, mode):
+    core = RouterCore(MemorySessionStore(), local_target(replica, pool, {}))
     for text in PROMPTS:
         req = pb.GenerateRequest(prompt=text, max_tokens=24, speculation=pb.SpeculationParams(mode=mode))
         reply = run(core.generate(req))
@@ -100,7 +100,7 @@ def test_generate_is_exact_in_every_mode(tiny, worker, pool, mode):
 
 
 def test_ssd_without_a_draft_runs_ar_and_says_why(tiny, pool):
-    w = TargetWorker(tiny["target"], None, replica="solo")
+    w = TargetReplica(tiny["target"], None, replica="solo")
     core = RouterCore(MemorySessionStore(), local_target(w, pool, {}))
     reply = run(core.generate(pb.GenerateRequest(prompt=PROMPTS[0], max_tokens=8)))
     assert list(reply.token_ids) == ar_ids(tiny, PROMPTS[0], 8)
@@ -110,13 +110,13 @@ def test_ssd_without_a_draft_runs_ar_and_says_why(tiny, pool):
     assert e.value.code == "FAILED_PRECONDITION"
 
 
-def test_worker_refuses_prompts_over_the_context_window(tiny, worker):
+def test_worker_refuses_prompts_over_the_context_window(tiny, replica):
     n = tiny["target"].max_len
     with pytest.raises(ApiError, match=f"context window is {n}") as e:
-        next(worker.stream(GenParams(prompt_ids=[1] * n, mode="ar")))
+        next(replica.stream(GenParams(prompt_ids=[1] * n, mode="ar")))
     assert e.value.code == "INVALID_ARGUMENT"
     with pytest.raises(ApiError, match="outside the vocabulary"):
-        next(worker.stream(GenParams(prompt_ids=[10 ** 6], mode="ar")))
+        next(replica.stream(GenParams(prompt_ids=[10 ** 6], mode="ar")))
 
 
 def test_limits_pick_the_default_mode_and_refuse_modes_not_served():
@@ -154,9 +154,9 @@ def test_stats_message_keeps_the_counters():
 # ---------------------------------------------------------------------------- chat
 
 
-def test_three_turn_chat_keeps_history_and_reuses_the_prefix(worker, pool, new_store):
+def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, pool, new_store):
     async def main():
-        core = RouterCore(new_store(), local_target(worker, pool, {}))
+        core = RouterCore(new_store(), local_target(replica, pool, {}))
         sid, tok, out = "", "", []
         for msg in ("hello there", "tell me more", "and once more"):
             chunks = await collect(core.chat(pb.ChatRequest(session_id=sid, session_token=tok, message=msg,
@@ -191,9 +191,9 @@ def test_three_turn_chat_keeps_history_and_reuses_the_prefix(worker, pool, new_s
     assert err.code == "NOT_FOUND" and sid in err.message
 
 
-def test_a_second_turn_at_the_same_time_is_refused(worker, pool, new_store):
+def test_a_second_turn_at_the_same_time_is_refused(replica, pool, new_store):
     async def main():
-        core = RouterCore(new_store(), local_target(worker, pool, {}))
+        core = RouterCore(new_store(), local_target(replica, pool, {}))
         first = await collect(core.chat(pb.ChatRequest(message="hi", max_tokens=4)))
         sid, tok = first[0].session_id, first[0].session_token
 
@@ -215,11 +215,11 @@ def test_a_second_turn_at_the_same_time_is_refused(worker, pool, new_store):
     assert [t.role for t in session.turns] == ["user", "assistant"] * 2  # never interleaved
 
 
-def test_target_failing_mid_turn_keeps_exactly_the_committed_tokens(worker, pool, new_store):
+def test_target_failing_mid_turn_keeps_exactly_the_committed_tokens(replica, pool, new_store):
     fail = [3]  # the "replica" dies after 3 chunks
 
     async def main():
-        core = RouterCore(new_store(), local_target(worker, pool, {}, fail), retries=2)
+        core = RouterCore(new_store(), local_target(replica, pool, {}, fail), retries=2)
         got = []
         with pytest.raises(ApiError) as e:
             async for c in core.chat(pb.ChatRequest(message="hello", max_tokens=20,
@@ -242,9 +242,9 @@ def test_target_failing_mid_turn_keeps_exactly_the_committed_tokens(worker, pool
     assert chunks[-1].stats.new_tokens == 5 and len(after.turns) == 4
 
 
-def test_failures_before_the_first_chunk_are_retried(worker, pool):
+def test_failures_before_the_first_chunk_are_retried(replica, pool):
     calls = []
-    inner = local_target(worker, pool, {})
+    inner = local_target(replica, pool, {})
 
     async def flaky(p, sid):
         calls.append(1)
@@ -258,21 +258,21 @@ def test_failures_before_the_first_chunk_are_retried(worker, pool):
     assert len(calls) == 3 and len(reply.token_ids) == 4
 
 
-def test_cancelled_stream_frees_target_and_draft(worker, pool, draft_server):
-    core = RouterCore(MemorySessionStore(), local_target(worker, pool, {}))
+def test_cancelled_stream_frees_target_and_draft(replica, pool, draft_server):
+    core = RouterCore(MemorySessionStore(), local_target(replica, pool, {}))
     req = pb.GenerateRequest(prompt=PROMPTS[0], max_tokens=400, speculation=pb.SpeculationParams(mode=pb.MODE_SSD))
 
     async def cancel_early():
         agen = core.generate_stream(req)
         await agen.__anext__()
         await agen.__anext__()
-        assert worker.active == 1 and draft_server.servicer.stats()["sequences_open"] == 1
+        assert replica.active == 1 and draft_server.servicer.stats()["sequences_open"] == 1
         await agen.aclose()  # what Serve does when the client goes away
 
     run(cancel_early())
     deadline = threading.Event()
     for _ in range(50):
-        if worker.active == 0 and draft_server.servicer.stats()["sequences_open"] == 0:
+        if replica.active == 0 and draft_server.servicer.stats()["sequences_open"] == 0:
             break
         deadline.wait(0.1)
-    assert worker.active == 0 and draft_server.servicer.stats()["sequences_open"] == 0
+    assert replica.active == 0 and draft_server.servicer.stats()["sequences_open"] == 0

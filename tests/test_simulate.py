@@ -5,7 +5,7 @@ import json
 import pytest
 
 from specserve.cli import main
-from specserve.simulate import CostModel, simulate
+from specserve.tools.simulate import CostModel, simulate
 
 RESULT = {"records": [
     {"mode": "ar", "new_tokens": 10},

@@ -216,33 +216,6 @@ def test_early_stop_and_budget_shorten_proposals(tiny, prompts):
     assert drafted[0.003] < drafted[0.0]
 
 
-def test_cancel_keeps_the_branches_drafted_so_far(tiny, prompts, monkeypatch):
-    lm, ids = tiny["draft-same"], prompts[0]
-    sess = DraftSession(lm, ids, SamplingParams(), k=4, fanout=[1, 1, 1, 1, 2])
-    d = sess.first_proposal().token_ids
-    real = ssd.forward_branches
-
-    def cancelled_during(*args):  # as if the outcome arrived while the first branch step ran
-        sess.cancel()
-        return real(*args)
-
-    monkeypatch.setattr(ssd, "forward_branches", cancelled_during)
-    sess.speculate()
-    monkeypatch.undo()
-    assert len(sess.table) == 6 and all(len(p.token_ids) == 1 for p in sess.table.values())
-    with torch.inference_mode():
-        t = int(lm.model(torch.tensor([ids + d])).logits[0, -1].argmax())  # the bonus a copy-target picks
-    prop = sess.on_outcome(0, 4, t)
-    fresh = DraftSession(lm, ids + d + [t], SamplingParams(), k=4, speculate=False).first_proposal()
-    assert prop.cache_hit and prop.token_ids == fresh.token_ids[:1]
-    sess.speculate()  # the session goes on normally: full-length branches again
-    assert all(len(p.token_ids) == 4 for p in sess.table.values())
-
-
-@pytest.mark.parametrize("kwargs, field", [({"fanout": [1, 2]}, "fanout"), ({"fanout": [1, -1, 2, 3, 4]}, "fanout"),
-                                           ({"k": 0}, "k"), ({"q_top": 0}, "q_top"), ({"stop_prob": 1.0}, "stop_prob"),
-                                           ({"max_new_tokens": 0}, "max_new_tokens"), ({"prompt_ids": []}, "prompt"),
-                                           ({"prompt_ids": [1, 10 ** 6]}, "prompt token ids")])
 def test_bad_session_arguments(tiny, kwargs, field):
     args = {"prompt_ids": [1, 2, 3], "sampling": SamplingParams(), **kwargs}
     with pytest.raises(ValueError, match=field):

@@ -8,7 +8,7 @@ from specserve.engine.sampling import SamplingParams
 from specserve.engine.speculative import SpecConfig, Stats, generate
 from specserve.engine.tiny import tiny_model
 from specserve.pipeline.draft_server import serve
-from specserve.pipeline.local_worker import LocalWorker
+from specserve.pipeline.local_draft_worker import LocalDraftWorker
 from specserve.pipeline.remote_drafter import DraftClient, RemoteDrafter
 
 from test_engine import V, chi2_pvalue, exact_two_token_law
@@ -29,7 +29,7 @@ def clients(tiny):
 
 
 def ssd(target, client, ids, n=40, k=4, sp=SamplingParams(), speculate=True, seed=0, stats=None):
-    drafter = RemoteDrafter(client, ids, target.vocab_size, sp, k, speculate=speculate, seed=seed, max_new_tokens=n)
+    drafter = RemoteDrafter(client, ids, target.vocab_size, sampling=sp, k=k, speculate=speculate, seed=seed, max_new_tokens=n)
     st = stats if stats is not None else Stats()
     out = [t for c in generate(target, drafter, ids, n, sp, SpecConfig(mode="ssd", k=k), seed, (), st)
            for t in c.token_ids]
@@ -73,7 +73,7 @@ def test_killed_worker_falls_back_and_stays_exact(tiny, tiny_dir):
     target, tok = tiny["target"], tiny["target"].tokenizer
     ids = tok(PROMPTS[0])["input_ids"]
     ar = [t for c in generate(target, None, ids, 60, spec=SpecConfig(mode="ar")) for t in c.token_ids]
-    worker = LocalWorker(str(tiny_dir / "draft-same"), quantize=None)
+    worker = LocalDraftWorker(str(tiny_dir / "draft-same"), quantize=None)
     try:
         client = DraftClient(worker.address, timeout=5)
         drafter = RemoteDrafter(client, ids, target.vocab_size, k=2, max_new_tokens=60)

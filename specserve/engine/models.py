@@ -173,7 +173,7 @@ def load_model(
 
     name_or_path: a local model directory, a prepared name (`qwen2.5-coder-1.5b`) or a hub id.
     dtype: float32 | bfloat16 | float16 (bfloat16 is by far the fastest exact choice on CPU).
-    quantize: None or "int8" (dynamic int8 Linear layers; changes the model's outputs: for drafts,
+    quantize: None / "none" or "int8" (dynamic int8 Linear layers; changes the model's outputs: for drafts,
       or for a target only as the user's explicit choice).
     kernels: "auto" (pack float32 Linear weights for oneDNN on CPU, see kernels.py), "packed",
       or "plain" (PyTorch's default nn.Linear).
@@ -186,8 +186,9 @@ def load_model(
         raise ValueError("model path is empty: give a model directory, a prepared name or a hub id")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    quantize = None if quantize == "none" else quantize  # the flags' and the config's spelling of unset
     if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be 'int8' or unset, got {quantize!r}")
+        raise ValueError(f"quantize must be 'int8' or 'none', got {quantize!r}")
     if kernels not in ("auto", "packed", "plain"):
         raise ValueError(f"kernels must be auto, packed or plain, got {kernels!r}")
     device = resolve_device(device, quantize)

@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from . import defaults
 from .models import LM, KVCache, check_pair
 from .sampling import SamplingParams, rejection_sample, sample, warp
 from .text import TextStream
@@ -46,10 +47,10 @@ class SpecConfig:
 
     mode: str = "sd"
     k: int | None = None
-    k_init: int = 4
-    k_min: int = 1
-    k_max: int = 10
-    stop_prob: float = 0.5  # stop drafting after a token the draft gives less than this probability
+    k_init: int = defaults.K
+    k_min: int = defaults.K_MIN
+    k_max: int = defaults.K_MAX
+    stop_prob: float = defaults.STOP_PROB  # stop drafting after a token the draft gives less than this
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -121,7 +122,7 @@ class Chunk:
 
 
 def draft_step(cache: KVCache, seq: list[int], k: int, sp: SamplingParams,
-               gen: torch.Generator, stop_prob: float = 0.0) -> tuple[list[int], torch.Tensor | None]:
+               gen: torch.Generator, stop_prob: float) -> tuple[list[int], torch.Tensor | None]:
     """Sample up to k draft tokens after `seq`; return (ids, q [len(ids), V] or None when greedy).
 
     Drafting stops early after a token whose draft probability (of the softmax at temperature 1
@@ -149,11 +150,11 @@ class DraftUnavailable(RuntimeError):
 
 
 class Drafter:
-    """What the loop asks of a drafter, once per round: `propose`, then `feedback`.
+    """What the loop asks of a drafter, once per round: `propose`, then `on_outcome`.
 
     propose(seq, k) -> (d, q): up to k draft tokens after the committed tokens `seq`, and the
       distributions they were sampled from (q [len(d), V], None = point masses / greedy).
-    feedback(accepted, token, committed): the round's outcome; `committed` = len(seq) + accepted,
+    on_outcome(accepted, token, committed): the round's outcome; `committed` = len(seq) + accepted,
       the prefix that stays valid in any cache.
     """
 
@@ -164,7 +165,7 @@ class Drafter:
     def propose(self, seq: list[int], k: int) -> tuple[list[int], torch.Tensor | None]:
         raise NotImplementedError
 
-    def feedback(self, accepted: int, token: int, committed: int) -> None:
+    def on_outcome(self, accepted: int, token: int, committed: int) -> None:
         pass
 
     def close(self) -> None:
@@ -174,13 +175,13 @@ class Drafter:
 class LocalDrafter(Drafter):
     """A draft LM in this process, drafting on demand (plain SD)."""
 
-    def __init__(self, lm: LM, sp: SamplingParams, gen: torch.Generator, stop_prob: float = 0.0):
+    def __init__(self, lm: LM, sp: SamplingParams, gen: torch.Generator, stop_prob: float):
         self.cache, self.sp, self.gen, self.stop_prob = lm.new_cache(), sp, gen, stop_prob
 
     def propose(self, seq, k):
         return draft_step(self.cache, seq, k, self.sp, self.gen, self.stop_prob)
 
-    def feedback(self, accepted, token, committed):
+    def on_outcome(self, accepted, token, committed):
         if self.cache.length > committed:
             self.cache.crop(committed)
 
@@ -282,7 +283,7 @@ def generate(
             if drafter is not None and kr > 0 and not finish:
                 t3 = time.perf_counter()
                 try:
-                    drafter.feedback(n, t_next, len(seq) + n)  # a draft cache crops to seq + d_1..d_n
+                    drafter.on_outcome(n, t_next, len(seq) + n)  # a draft cache crops to seq + d_1..d_n
                 except DraftUnavailable as e:
                     drafter.close()
                     drafter, st.fallback = None, f"ar after round {st.rounds + 1}: {e}"

@@ -52,6 +52,7 @@ try:
 except ImportError:  # older transformers: fall back to crop + select after branching
     DynamicLayer = None
 
+from . import defaults
 from .models import LM, KVCache
 from .sampling import SamplingParams, sample, warp
 
@@ -186,9 +187,9 @@ class DraftSession:
     `draft_s` / `spec_s` the seconds spent drafting just-in-time / speculating.
     """
 
-    def __init__(self, lm: LM, prompt_ids: list[int], sampling: SamplingParams | None = None, k: int = 4,
+    def __init__(self, lm: LM, prompt_ids: list[int], sampling: SamplingParams | None = None, k: int = defaults.K,
                  fanout: list[int] | None = None, speculate: bool = True, seed: int = 0,
-                 q_top: int = 32, stop_prob: float = 0.0, max_new_tokens: int | None = None):
+                 q_top: int = defaults.Q_TOP, stop_prob: float = 0.0, max_new_tokens: int | None = None):
         V = lm.vocab_size
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
@@ -220,7 +221,6 @@ class DraftSession:
         self.rows: list[torch.Tensor] = []  # logits [V] after seq + d_1..d_i, i = 0.., for `sent`
         self.table: dict[tuple[int, int, int], Proposal] = {}  # (round, i, t) -> pre-drafted proposal
         self.spec_round = -1  # round whose outcomes `table` covers
-        self._cancel = False
         self.hits = self.misses = 0
         self.draft_s = self.spec_s = 0.0
 
@@ -239,7 +239,6 @@ class DraftSession:
         if not self.speculating or self.sent is None or self.spec_round == self.round + 1:
             return
         t0 = time.perf_counter()
-        self._cancel = False
         self.spec_round = self.round + 1
         self.table = {}
         d = self.sent.token_ids
@@ -252,21 +251,13 @@ class DraftSession:
         # 2. predict: the bonus position uses F_k even when this proposal is shorter than k
         fan = self.fanout[: len(d)] + [self.fanout[self.k]]
         keys = predict_outcomes(step_probs, d, fan)
-        if keys and not self._cancel:
+        if keys:
             # 3. branch: draft for every predicted outcome at once
             budgets = [self._budget(len(self.seq) + i + 1) for i, _ in keys]
             props = self._draft_branches(keys, budgets)
             # 4. store
             self.table = {(self.spec_round, i, t): p for (i, t), p in zip(keys, props)}
         self.spec_s += time.perf_counter() - t0
-
-    def cancel(self) -> None:
-        """Ask a running `speculate` (in another thread) to stop after its current forward.
-
-        Branches drafted so far keep their shorter proposals (still valid hits). Call
-        `on_outcome` only once `speculate` has returned: the session is not thread-safe.
-        """
-        self._cancel = True
 
     def on_outcome(self, round: int, accepted: int, token: int) -> Proposal:
         """Commit the verified outcome of `round` and return the proposal for the next round."""
@@ -385,7 +376,7 @@ class DraftSession:
                 for b, (t, ids, ps, stop) in zip(live, self._pick(logits[live])):
                     toks[b].append(t), qi[b].append(ids), qp[b].append(ps)
                     open_[b] = not stop and len(toks[b]) < budgets[b]
-                if not any(open_) or self._cancel:  # cancelled: keep the shorter drafts, still valid
+                if not any(open_):
                     break
                 x = torch.tensor([tb[-1] if tb else 0 for tb in toks])  # finished branches feed filler
         finally:

@@ -21,11 +21,12 @@ from typing import Any
 import grpc
 import torch
 
+from ..engine import defaults
+from ..engine.sampling import SamplingParams
 from ..engine.speculative import Drafter, DraftUnavailable
 from ..engine.ssd import Proposal
 from ..v1 import speculation_pb2_grpc as pb_grpc
-from ..engine.sampling import SamplingParams
-from .wire import DEFAULT_K, message_seq, pb, proposal_fields, spec_params
+from .wire import message_seq, pb, proposal_fields, spec_params
 
 __all__ = ["DraftClient", "DraftInfo", "RemoteProposal", "RemoteDrafter", "DraftUnavailable", "DraftError",
            "CHANNEL_OPTIONS"]
@@ -270,21 +271,21 @@ class RemoteDrafter(Drafter):
     `stop_prob` is sd's early-stop rule on the draft side (a proposal ends after a token the draft
     gives less than this probability; 0 always drafts k): on the real pair it lifts acceptance from
     0.67 to 0.80 and the cache hit rate from 0.59 to 0.74 (README, SSD);
-    the loop verifies whatever prefix of each proposal fits its budget. `feedback` reports the
+    the loop verifies whatever prefix of each proposal fits its budget. `on_outcome` reports the
     outcome and waits for the next proposal: a cache hit answers at once, a miss after a
     just-in-time draft. Every wait has a deadline; a late or broken draft raises DraftUnavailable
     and the loop finishes the sequence alone.
     """
 
-    def __init__(self, client: DraftClient, prompt_ids: list[int], vocab_size: int,
+    def __init__(self, client: DraftClient, prompt_ids: list[int], vocab_size: int, *,
                  sampling: SamplingParams | None = None, k: int | None = None, fanout: list[int] | None = None,
                  speculate: bool = True, seed: int | None = None, max_new_tokens: int | None = None,
-                 timeout: float | None = None, stop_prob: float = 0.5):
+                 timeout: float | None = None, stop_prob: float = defaults.STOP_PROB):
         import uuid
 
         sp = sampling or SamplingParams()
         self.client, self.prompt, self.V = client, [int(t) for t in prompt_ids], vocab_size
-        self.params = spec_params(sp.temperature, sp.top_k, sp.top_p, k=k or DEFAULT_K, fanout=fanout,
+        self.params = spec_params(sp.temperature, sp.top_k, sp.top_p, k=k or defaults.K, fanout=fanout,
                                   speculate=speculate, seed=seed or 0, max_new_tokens=max_new_tokens,
                                   stop_prob=stop_prob)
         self.seq = uuid.uuid4().hex
@@ -303,7 +304,7 @@ class RemoteDrafter(Drafter):
             q[i, torch.tensor(ids, dtype=torch.long)] = torch.tensor(probs, dtype=torch.float32)
         return d, q
 
-    def feedback(self, accepted, token, committed):
+    def on_outcome(self, accepted, token, committed):
         prop = self.client.outcome(self.seq, self.prop.round, accepted, token, timeout=self.timeout)
         self.hits += prop.cache_hit
         self.misses += not prop.cache_hit

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..engine.defaults import K, Q_TOP
 from ..engine.sampling import SamplingParams
 from ..v1 import speculation_pb2 as pb
 
-__all__ = ["pb", "DEFAULT_K", "DEFAULT_Q_TOP", "spec_params", "session_kwargs", "proposal_message",
+__all__ = ["pb", "spec_params", "session_kwargs", "proposal_message",
            "error_message", "proposal_fields", "message_seq"]
 
-DEFAULT_K = 4
-DEFAULT_Q_TOP = 32
 
 
-def spec_params(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, k: int = DEFAULT_K,
+def spec_params(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, k: int = K,
                 fanout: list[int] | None = None, speculate: bool = True, seed: int = 0,
-                q_top: int = DEFAULT_Q_TOP, stop_prob: float = 0.0,
+                q_top: int = Q_TOP, stop_prob: float = 0.0,
                 max_new_tokens: int | None = None) -> pb.SpecParams:
     """Build a `SpecParams` message (the target side). The draft validates the values."""
     p = pb.SpecParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), k=int(k),
@@ -37,14 +36,14 @@ def session_kwargs(p: pb.SpecParams) -> dict[str, Any]:
     Raises ValueError for values no session accepts (SamplingParams checks the warping ones).
     """
     top_p = p.top_p if p.HasField("top_p") else 1.0
-    k = p.k if p.HasField("k") else DEFAULT_K
+    k = p.k if p.HasField("k") else K
     return {
         "sampling": SamplingParams(p.temperature, p.top_k, top_p),
         "k": int(k),
         "fanout": [int(f) for f in p.fanout] or None,
         "speculate": p.speculate if p.HasField("speculate") else True,
         "seed": int(p.seed),
-        "q_top": int(p.q_top) if p.HasField("q_top") else DEFAULT_Q_TOP,
+        "q_top": int(p.q_top) if p.HasField("q_top") else Q_TOP,
         "stop_prob": float(p.stop_prob),
         "max_new_tokens": int(p.max_new_tokens) if p.HasField("max_new_tokens") else None,
     }

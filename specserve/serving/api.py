@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine import defaults
 from ..sessions.store import SESSION_ID
 from ..v1 import serving_pb2 as pb
 
@@ -132,7 +133,7 @@ def _common(p: GenParams, req: Any, limits: Limits) -> GenParams:
                            "(or leave it unset for the default)")
         p.k = int(sp.k)
     if sp.fanout:
-        k = p.k or 4
+        k = p.k or defaults.K
         if len(sp.fanout) > k + 1 or any(f < 0 for f in sp.fanout) or sum(sp.fanout) > 256:
             raise _invalid(f"speculation.fanout {list(sp.fanout)} is invalid: give at most k+1 = {k + 1} "
                            "non-negative branch counts (positions 0..k) summing to at most 256")

@@ -4,7 +4,7 @@
 DeleteSession with protobuf replies or an `ApiError` (status code name + message). `target` is
 any async callable `(GenParams, session_id) -> async iterator of chunk dicts` -- in the server a
 Ray Serve handle call that routes a session to the replica holding its KV prefix, in tests a
-`TargetWorker` in this process.
+`TargetReplica` in this process.
 
 A Chat turn, step by step:
   1. validate the request and the session's token; no session_id -> create a session (with the

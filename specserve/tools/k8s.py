@@ -167,7 +167,7 @@ def write_manifests(root: str | os.PathLike) -> list[Path]:
 
 
 def _default_root() -> Path:
-    for candidate in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if (candidate / OVERRIDES_YAML).is_file():
             return candidate
     return Path.cwd()

@@ -28,14 +28,15 @@ from pathlib import Path
 
 import torch
 
-from .engine.models import LM
-from .engine.sampling import SamplingParams
-from .engine.speculative import SpecConfig, Stats, generate
+from ..engine.models import LM
+from ..engine.sampling import SamplingParams
+from ..engine.speculative import SpecConfig, Stats, generate
+from ..pipeline.drafters import make_drafter
 
 __all__ = ["BENCH_MODES", "Prompt", "load_prompts", "run_bench", "format_table", "plot"]
 
 BENCH_MODES = ("ar", "hf-assisted", "sd", "ssd", "ssd-nocache")
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 @dataclass
@@ -108,14 +109,10 @@ _FROM_STATS = [f.name for f in fields(Record) if f.name in {g.name for g in fiel
 def _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client=None, fanout=None) -> Record:
     st = Stats()
     toks: list[int] = []
-    drafter = draft if mode == "sd" else None
-    if mode.startswith("ssd"):
-        from .pipeline.remote_drafter import RemoteDrafter
-
-        drafter = RemoteDrafter(client, ids, target.vocab_size, sp, k, fanout, speculate=mode == "ssd",
-                                seed=seed, max_new_tokens=max_new)
-    for chunk in generate(target, drafter, ids, max_new, sp, SpecConfig(mode=mode.split("-")[0], k=k),
-                          seed, (), st):
+    spec = SpecConfig(mode=mode.split("-")[0], k=k)  # ssd-nocache: ssd without pre-drafting
+    drafter = make_drafter(spec.mode, ids, target.vocab_size, sp, spec, draft=draft, client=client, fanout=fanout,
+                           speculate=mode == "ssd", seed=seed, max_new_tokens=max_new)
+    for chunk in generate(target, drafter, ids, max_new, sp, spec, seed, (), st):
         toks += chunk.token_ids
     return Record("", mode, token_ids=toks, **{f: getattr(st, f) for f in _FROM_STATS})
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 
 from .bench import Prompt, Record, _first_diff, summarize
-from .client import Client
+from ..client import Client
 
 __all__ = ["SERVER_MODES", "run_server_bench"]
 

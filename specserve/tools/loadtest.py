@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .client import Client, ClientError
+from ..client import Client, ClientError
 
 __all__ = ["LoadResult", "run_load", "format_load"]
 

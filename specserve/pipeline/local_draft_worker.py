@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-__all__ = ["LocalWorker", "split_cores"]
+__all__ = ["LocalDraftWorker", "split_cores"]
 
 
 def split_cores() -> tuple[set[int], set[int]]:
@@ -24,7 +24,7 @@ def split_cores() -> tuple[set[int], set[int]]:
     return set(cores[:-1]), {cores[-1]}
 
 
-class LocalWorker:
+class LocalDraftWorker:
     """`specserve draft-worker` as a subprocess; `.address` once it listens; `.close()` stops it."""
 
     def __init__(self, model: str, threads: int = 1, cores: set[int] | None = None, dtype: str = "float32",
@@ -68,7 +68,7 @@ class LocalWorker:
                 self.proc.kill()
                 self.proc.wait()
 
-    def __enter__(self) -> "LocalWorker":
+    def __enter__(self) -> "LocalDraftWorker":
         return self
 
     def __exit__(self, *exc) -> None:

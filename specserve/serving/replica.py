@@ -1,6 +1,6 @@
 """A target replica's work, without Ray: run validated generations on one target model.
 
-`TargetWorker.stream(params, session)` is a plain generator of chunk dicts, one per round:
+`TargetReplica.stream(params, session)` is a plain generator of chunk dicts, one per round:
   1. encode    -- text, chat message or a session's whole history -> prompt token ids
   2. reuse     -- a session's KV cache keeps the longest common prefix with the new prompt
   3. draft     -- ar: none; sd: the draft in this process; ssd: a RemoteDrafter on the shared
@@ -26,10 +26,11 @@ from typing import AsyncIterator, Iterator
 from ..engine.models import LM, KVCache
 from ..engine.sampling import SamplingParams
 from ..engine.speculative import SpecConfig, Stats, generate
-from ..pipeline.remote_drafter import DraftClient, RemoteDrafter
+from ..pipeline.drafters import make_drafter
+from ..pipeline.remote_drafter import DraftClient
 from .api import ApiError, GenParams
 
-__all__ = ["TargetWorker", "SessionCache", "stream_in_pool", "rss_mb"]
+__all__ = ["TargetReplica", "SessionCache", "stream_in_pool", "rss_mb"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class SessionCache:
         return self.kv
 
 
-class TargetWorker:
+class TargetReplica:
     """The target model of one replica, with an optional in-process draft and a draft link.
 
     The link is made by `connect_draft(address)`; while there is none, ssd requests run as ar and
@@ -136,22 +137,19 @@ class TargetWorker:
         ids = self.encode(p)
         sp = SamplingParams(p.temperature, p.top_k, p.top_p)
         st = Stats()
-        mode, fallback, draft, client = p.mode, "", None, None
-        if mode == "sd":  # 3. pick the drafter
-            if self.local_draft is None:
-                raise ApiError("FAILED_PRECONDITION", "speculation.mode sd needs a draft inside the target "
-                                                      "replica (target.local_draft in the config): use ssd or ar")
-            draft = self.local_draft
-        elif mode == "ssd":
-            with self._lock:
-                client = self._client
-            if client is None:  # no draft reachable: run as ar, say why
-                mode, fallback = "ar", self.draft_error
-            else:
-                draft = RemoteDrafter(client, ids, self.target.vocab_size, sp, p.k, p.fanout or None,
-                                      p.speculate, p.seed, p.max_tokens, self.draft_timeout)
-        kv = session.prefix_for(self.target, ids) if session is not None else None  # 2. reuse
+        mode, fallback = p.mode, ""
+        with self._lock:
+            client = self._client
+        if mode == "sd" and self.local_draft is None:
+            raise ApiError("FAILED_PRECONDITION", "speculation.mode sd needs a draft inside the target "
+                                                  "replica (target.local_draft in the config): use ssd or ar")
+        if mode == "ssd" and client is None:  # no draft reachable: run as ar, say why
+            mode, fallback = "ar", self.draft_error
         spec = SpecConfig(mode=mode, k=p.k)
+        draft = make_drafter(mode, ids, self.target.vocab_size, sp, spec, draft=self.local_draft,  # 3. drafter
+                             client=client, fanout=p.fanout or None, speculate=p.speculate, seed=p.seed,
+                             max_new_tokens=p.max_tokens, timeout=self.draft_timeout)
+        kv = session.prefix_for(self.target, ids) if session is not None else None  # 2. reuse
         out: list[int] = []
         with self._lock:
             self.active += 1

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 import grpc
 
-from .v1 import serving_pb2 as pb
-from .v1 import serving_pb2_grpc as pb_grpc
+from ..v1 import serving_pb2 as pb
+from ..v1 import serving_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "ClientError", "pb", "request_fields"]
 

@@ -1,0 +1,87 @@
+"""`specserve bench` (the modes on the same prompts, in this process) and `specserve simulate`
+(bench traces replayed under a cost model)."""
+
+from __future__ import annotations
+
+import sys
+
+from .common import (UsageError, add_model_flags, add_sampling_flags, add_ssd_flags, check_k, draft_client,
+                     load_pair, parse_fanout, sampling, split_modes, start_local_draft_worker, write_json)
+
+
+def register(sub) -> None:
+    b = sub.add_parser("bench", help="compare ar, hf-assisted, sd and ssd on the same prompts")
+    add_model_flags(b, draft_required=True)
+    b.add_argument("--prompts", default="humaneval", help="humaneval | chat | FILE.jsonl (default humaneval)")
+    b.add_argument("--n", type=int, default=20, help="number of prompts (default 20)")
+    b.add_argument("--modes", default="ar,hf-assisted,sd", help="comma-separated (default ar,hf-assisted,sd)")
+    b.add_argument("--k", type=int, default=None, help="the most draft tokens a round drafts (default: adaptive)")
+    b.add_argument("--out", default=None, help="write the full results (records, traces) as JSON")
+    b.add_argument("--plot", default=None, help="write a PNG: tokens/s per mode and the acceptance histogram")
+    b.add_argument("--no-warmup", action="store_true")
+    add_ssd_flags(b)
+    add_sampling_flags(b)
+    b.set_defaults(seed=0, func=cmd_bench)
+
+    si = sub.add_parser("simulate", help="replay bench traces under a cost model (e.g. separate GPUs)")
+    si.add_argument("results", help="a `specserve bench --out` JSON file")
+    si.add_argument("--verify-ms", type=float, default=20.0, help="target forward, ms (default 20)")
+    si.add_argument("--draft-ms", type=float, default=1.5, help="draft step, ms (default 1.5)")
+    si.add_argument("--net-ms", type=float, default=0.1, help="target <-> draft round trip, ms (default 0.1)")
+    si.add_argument("--spec-factor", type=float, default=1.2,
+                    help="cost of a batched branch step relative to a plain draft step (default 1.2)")
+    si.set_defaults(func=cmd_simulate)
+
+
+def cmd_bench(args) -> int:
+    from ..tools.bench import format_table, load_prompts, plot, run_bench
+
+    check_k(args.k)
+    sp = sampling(args)
+    try:
+        prompts = load_prompts(args.prompts, args.n)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    modes = split_modes(args.modes)
+    fanout = parse_fanout(args.fanout)
+    ssd = any(m.startswith("ssd") for m in modes)
+    worker, threads, address = None, args.threads, args.draft_address
+    if ssd and not address:
+        worker, threads = start_local_draft_worker(args)
+        address = worker.address
+    client = None
+    try:
+        target, draft = load_pair(args, args.draft, threads)
+        client = draft_client(address, args.draft_timeout, target.vocab_size) if ssd else None
+        result = run_bench(target, draft, prompts, modes, args.max_new_tokens, sp, args.k, args.seed,
+                           warmup=not args.no_warmup, client=client, fanout=fanout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        if client is not None:
+            client.close()
+        if worker is not None:
+            worker.close()
+    print(format_table(result))
+    for m, d in result["summary"].items():
+        if d.get("mismatches"):
+            print(f"MISMATCH {m}: {', '.join(d['mismatch_detail'])}", file=sys.stderr)
+    write_json(args.out, result)
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from ..tools.simulate import CostModel, format_simulation, load, simulate
+
+    try:
+        cost = CostModel(args.verify_ms, args.draft_ms, args.net_ms, args.spec_factor)
+        print(format_simulation(simulate(load(args.results), cost), cost))
+    except ValueError as e:
+        msg = str(e)
+        for name in ("verify_ms", "draft_ms", "net_ms", "spec_factor"):
+            msg = msg.replace(name, "--" + name.replace("_", "-"))
+        raise UsageError(msg) from None
+    return 0

@@ -1,0 +1,11 @@
+"""The speculation defaults, one owner each: every layer that needs one imports it from here.
+
+The wire protocol has its own zero values (speculation.proto: an unset `stop_prob` is 0 = off);
+these are the values specserve chooses when a caller does not.
+"""
+
+K = 4  # draft tokens per round: sd's starting k, ssd's fixed k (the draft must know it in advance)
+K_MIN = 1  # sd's adaptive k stays within [K_MIN, K_MAX]
+K_MAX = 10
+STOP_PROB = 0.5  # a proposal ends after a token the draft itself gives less than this probability
+Q_TOP = 32  # sampling: tokens kept in each sparse draft distribution q' sent over the wire

@@ -1,0 +1,1 @@
+"""Tools around the engine and the server: `bench`, `bench_server`, `loadtest`, `simulate`, `k8s`."""
