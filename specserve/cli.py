@@ -325,14 +325,14 @@ def _generate(args, mode, sp, prompt, fanout) -> int:
 
 def cmd_models(args) -> int:
     if args.models_cmd == "tiny":
-        from .engine.tiny import build_tiny
+        from .models import build_tiny
 
         paths = build_tiny(args.out_dir, seed=args.seed, layers=args.layers, vocab=args.vocab)
         for name, path in paths.items():
             print(f"{name}\t{path}")
         return 0
     if args.models_cmd == "prepare":
-        from .engine.prepare import PrepareError, prepare
+        from .models import PrepareError, prepare
 
         try:
             paths = prepare(pair=args.pair, dtype=args.dtype, install=not args.no_install, keep_gguf=args.keep_gguf)
@@ -342,7 +342,7 @@ def cmd_models(args) -> int:
             print(f"{name}\t{path}")
         return 0
     if args.models_cmd == "list":
-        from .engine.prepare import list_prepared
+        from .models import list_prepared
 
         rows = list_prepared()
         if not rows:

@@ -1,4 +1,4 @@
-"""Tests for specserve.engine.prepare: fast, no real weights, no network, no pip."""
+"""Tests for specserve.models (registry, GGUF parts, preparation): fast, no real weights, no network, no pip."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specserve.engine import prepare as prep
-from specserve.engine.prepare import (
+from specserve.models import preparation as prep
+from specserve.models import (
     KNOWN_MODELS,
     METADATA_FILE,
     PAIRS,
