@@ -12,13 +12,13 @@ from typing import Any
 
 # public name -> the submodule that defines it
 _EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("GGUFCheckError", "INSTALL_HINT", "PREPARE_HINT", "PrepareError"), "errors"),
+    **dict.fromkeys(("check_gguf", "find_parts", "join_parts", "sort_parts"), "gguf_files"),
+    **dict.fromkeys(("prepare", "prepare_model"), "preparation"),
     **dict.fromkeys(
-        (
-            "GGUFCheckError", "KNOWN_MODELS", "METADATA_FILE", "ModelSpec", "PAIRS", "PrepareError",
-            "check_gguf", "find_parts", "join_parts", "list_prepared", "model_dir", "prepare",
-            "prepare_model", "resolve_model", "sort_parts", "specserve_home",
-        ),
-        "preparation",
+        ("KNOWN_MODELS", "METADATA_FILE", "ModelSpec", "PAIRS", "list_prepared", "model_dir", "resolve_model",
+         "specserve_home"),
+        "registry",
     ),
     **dict.fromkeys(("TINY_NAMES", "build_tiny", "tiny_config", "tiny_model", "train_tokenizer"), "tiny"),
 }
