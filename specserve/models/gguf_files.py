@@ -17,21 +17,18 @@ import importlib.metadata as _md
 import os
 import re
 import shutil
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from .errors import INSTALL_HINT, GGUFCheckError, PrepareError, fmt_bytes
+from .errors import INSTALL_HINT, PREPARE_HINT, GGUFCheckError, PrepareError, fmt_bytes
 
 if TYPE_CHECKING:
     from .registry import ModelSpec
 
 __all__ = ["PartFile", "check_gguf", "find_parts", "join_parts", "sort_parts"]
 
-GGUF_MAGIC = b"GGUF"
-SUPPORTED_GGUF_VERSIONS = (2, 3)
 _COPY_CHUNK = 8 * 1024 * 1024
 
 
@@ -183,12 +180,44 @@ def join_parts(
 # --------------------------------------------------------------------------- check
 
 
-def check_gguf(path: str | os.PathLike, expected_size: int | None = None) -> dict:
-    """Validate a GGUF file; raise :class:`GGUFCheckError` naming the file and the problem.
+def _reader_error(path: Path, size: int, e: Exception) -> GGUFCheckError:
+    """Turn a ``GGUFReader`` failure into a message that names the file, the problem and the fix."""
+    said = f"{type(e).__name__}: {e}"
+    redo = f"delete it and run `{PREPARE_HINT}` again to re-join the parts"
+    if "magic" in str(e).lower():
+        return GGUFCheckError(
+            f"GGUF file {path} has a wrong magic (gguf.GGUFReader: {said}): not a GGUF file, "
+            f"or its parts were joined in the wrong order; {redo}"
+        )
+    if isinstance(e, ValueError) and "version" in str(e).lower():
+        return GGUFCheckError(
+            f"GGUF file {path} has an unsupported GGUF version (gguf.GGUFReader: {said}): corrupted, "
+            f"or newer than the installed gguf reads (pip install -U gguf)"
+        )
+    return GGUFCheckError(
+        f"GGUF file {path} ({size:,} bytes) cannot be read by gguf.GGUFReader ({said}): "
+        f"it is truncated or corrupted; {redo}"
+    )
 
-    Checks the size (if ``expected_size`` is given), the magic and version header, the tensor
-    count, that ``gguf.GGUFReader`` parses it, and that every tensor's data lies inside the
-    file.  Returns ``{"path", "size_bytes", "version", "tensor_count", "kv_count",
+
+def _field(reader, key: str, text: bool = False) -> int | str | None:
+    """A scalar or string metadata field of ``reader`` (``None`` when absent), on any gguf version."""
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    raw = field.parts[field.data[0]]
+    return bytes(raw).decode("utf-8", "replace") if text else int(raw[0])
+
+
+def check_gguf(path: str | os.PathLike, expected_size: int | None = None) -> dict:
+    """Validate a GGUF file with ``gguf.GGUFReader``; a bad one raises :class:`GGUFCheckError`.
+
+    Every message names the file, the problem and the fix.
+    Checks the size against ``expected_size`` (what the parts add up to) when given, then has
+    ``GGUFReader`` parse the whole file: a wrong magic (not GGUF, or parts joined in the wrong
+    order), an unsupported version, or a header, tensor table or tensor data running past the end
+    (truncated or corrupted) is refused, and so is a file with no tensors or with tensor data
+    beyond its end.  Returns ``{"path", "size_bytes", "version", "tensor_count", "kv_count",
     "architecture", "name"}`` (the last two are ``None`` when the keys are absent).
     """
     path = Path(path)
@@ -198,27 +227,8 @@ def check_gguf(path: str | os.PathLike, expected_size: int | None = None) -> dic
     if expected_size is not None and size != expected_size:
         raise GGUFCheckError(
             f"GGUF file {path} is {size:,} bytes but the parts add up to {expected_size:,} bytes "
-            f"({'truncated' if size < expected_size else 'too long'}: incomplete or repeated join)"
-        )
-    with open(path, "rb") as f:
-        header = f.read(24)
-    if len(header) < 24:
-        raise GGUFCheckError(f"GGUF file {path} is only {size} bytes, too short for a GGUF header (truncated)")
-    magic = header[:4]
-    if magic != GGUF_MAGIC:
-        raise GGUFCheckError(
-            f"GGUF file {path} has a wrong magic {magic!r} (expected {GGUF_MAGIC!r}): not a GGUF file, "
-            f"or its parts were joined in the wrong order"
-        )
-    (version,) = struct.unpack_from("<I", header, 4)
-    if version not in SUPPORTED_GGUF_VERSIONS:
-        raise GGUFCheckError(
-            f"GGUF file {path} has unsupported GGUF version {version} (supported: {SUPPORTED_GGUF_VERSIONS})"
-        )
-    tensor_count, kv_count = struct.unpack_from("<QQ", header, 8)
-    if tensor_count == 0 or tensor_count > 1_000_000 or kv_count > 1_000_000:
-        raise GGUFCheckError(
-            f"GGUF file {path} has an implausible header: {tensor_count} tensors, {kv_count} metadata keys"
+            f"({'truncated' if size < expected_size else 'too long'}: incomplete or repeated join); "
+            f"delete it and run `{PREPARE_HINT}` again"
         )
     try:
         from gguf import GGUFReader
@@ -226,45 +236,30 @@ def check_gguf(path: str | os.PathLike, expected_size: int | None = None) -> dic
         raise PrepareError(f"checking {path} needs the gguf package: {INSTALL_HINT}") from e
     try:
         reader = GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - any parse failure is reported the same way
-        raise GGUFCheckError(
-            f"GGUF file {path} cannot be read by gguf.GGUFReader ({type(e).__name__}: {e}); "
-            f"it is probably truncated or corrupted"
-        ) from e
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError, ... on bad bytes
+        raise _reader_error(path, size, e) from e
     try:
-        n = len(reader.tensors)
-        if n != tensor_count:
-            raise GGUFCheckError(f"GGUF file {path}: header says {tensor_count} tensors, reader found {n}")
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        if not reader.tensors:
+            raise GGUFCheckError(f"GGUF file {path} holds no tensors: it is not a model's weights")
+        end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
         if end > size:
             raise GGUFCheckError(
-                f"GGUF file {path} is truncated: tensor data ends at byte {end:,}, file has {size:,}"
+                f"GGUF file {path} is truncated: tensor data ends at byte {end:,}, file has {size:,}; "
+                f"delete it and run `{PREPARE_HINT}` again"
             )
-
-        def _str_field(key: str) -> str | None:
-            field = reader.get_field(key)
-            if field is None:
-                return None
-            try:
-                value = field.contents()
-            except Exception:  # noqa: BLE001 - older gguf: decode the raw bytes
-                value = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-            return value if isinstance(value, str) else str(value)
-
         info = {
             "path": str(path),
             "size_bytes": size,
-            "version": int(version),
-            "tensor_count": int(tensor_count),
-            "kv_count": int(kv_count),
-            "architecture": _str_field("general.architecture"),
-            "name": _str_field("general.name"),
+            "version": _field(reader, "GGUF.version"),
+            "tensor_count": len(reader.tensors),
+            "kv_count": _field(reader, "GGUF.kv_count"),
+            "architecture": _field(reader, "general.architecture", text=True),
+            "name": _field(reader, "general.name", text=True),
         }
     finally:
-        mm = getattr(reader, "data", None)
-        mmap_obj = getattr(mm, "_mmap", None)
-        del reader, mm
+        mmap_obj = getattr(getattr(reader, "data", None), "_mmap", None)
+        del reader
         if mmap_obj is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # BufferError while numpy views are alive: GC closes it
                 mmap_obj.close()
     return info
