@@ -7,7 +7,7 @@ from scipy.stats import chisquare
 from specserve.engine.models import LM, load_model
 from specserve.engine.sampling import SamplingParams, warp
 from specserve.engine.speculative import SpecConfig, Stats, generate
-from specserve.engine.tiny import tiny_model
+from specserve.models.tiny import tiny_model
 
 PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time, in a land far away, there"]
 

@@ -1,4 +1,4 @@
-"""Tests for specserve.engine.prepare: fast, no real weights, no network, no pip."""
+"""Tests for specserve.models (registry, GGUF parts, preparation): fast, no real weights, no network, no pip."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specserve.engine import prepare as prep
-from specserve.engine.prepare import (
+from specserve.models import preparation as prep
+from specserve.models import (
     KNOWN_MODELS,
     METADATA_FILE,
     PAIRS,
+    PREPARE_HINT,
     GGUFCheckError,
     PrepareError,
     check_gguf,
@@ -150,8 +151,9 @@ def test_wrong_order_join_fails_check(tiny_gguf, tmp_path):
     parts = _split(src, tmp_path / "parts", 3)
     wrong = tmp_path / "wrong.gguf"
     wrong.write_bytes(b"".join(p.read_bytes() for p in reversed(parts)))
-    with pytest.raises(GGUFCheckError, match="wrong magic"):
+    with pytest.raises(GGUFCheckError, match="wrong magic") as ei:
         check_gguf(wrong)
+    assert "wrong order" in str(ei.value) and PREPARE_HINT in str(ei.value)
 
 
 def test_truncated_file_fails(tiny_gguf, tmp_path):
@@ -159,19 +161,21 @@ def test_truncated_file_fails(tiny_gguf, tmp_path):
     data = src.read_bytes()
     trunc = tmp_path / "trunc.gguf"
     trunc.write_bytes(data[:-40])
-    # with the expected size: the size check names the file and says truncated
+    # with the expected size: the size check names the file, says truncated and gives the fix
     with pytest.raises(GGUFCheckError, match="truncated") as ei:
         check_gguf(trunc, expected_size=len(data))
-    assert str(trunc) in str(ei.value)
-    # without it, the tensor data running past the end is caught
+    assert str(trunc) in str(ei.value) and PREPARE_HINT in str(ei.value)
+    # without it, GGUFReader running out of tensor data is caught the same way
     with pytest.raises(GGUFCheckError, match="truncated|corrupted") as ei:
         check_gguf(trunc)
-    assert str(trunc) in str(ei.value)
-    # a stub shorter than the header
-    stub = tmp_path / "stub.gguf"
-    stub.write_bytes(data[:10])
-    with pytest.raises(GGUFCheckError, match="too short"):
-        check_gguf(stub)
+    assert str(trunc) in str(ei.value) and PREPARE_HINT in str(ei.value)
+    # a stub cut inside the header, and an empty file: refused as truncated, never a raw numpy error
+    for name, stub_bytes in (("stub.gguf", data[:10]), ("hdr.gguf", data[:24]), ("empty.gguf", b"")):
+        stub = tmp_path / name
+        stub.write_bytes(stub_bytes)
+        with pytest.raises(GGUFCheckError, match="truncated or corrupted") as ei:
+            check_gguf(stub)
+        assert str(stub) in str(ei.value) and PREPARE_HINT in str(ei.value)
 
 
 def test_wrong_magic_and_version_fail(tiny_gguf, tmp_path):
@@ -185,10 +189,24 @@ def test_wrong_magic_and_version_fail(tiny_gguf, tmp_path):
     ver = tmp_path / "bad_version.gguf"
     data[4:8] = (99).to_bytes(4, "little")
     ver.write_bytes(bytes(data))
-    with pytest.raises(GGUFCheckError, match="version 99"):
+    with pytest.raises(GGUFCheckError, match="unsupported GGUF version.*version 99") as ei:
         check_gguf(ver)
+    assert str(ver) in str(ei.value)
     with pytest.raises(GGUFCheckError, match="does not exist"):
         check_gguf(tmp_path / "nope.gguf")
+
+
+def test_gguf_without_tensors_fails(tmp_path):
+    empty = tmp_path / "no_tensors.gguf"
+    w = gguf.GGUFWriter(str(empty), arch="qwen2")
+    w.add_name("nothing")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFCheckError, match="no tensors") as ei:
+        check_gguf(empty)
+    assert str(empty) in str(ei.value)
 
 
 # --------------------------------------------------------------------------- resolve / list

@@ -11,7 +11,7 @@ from specserve.engine.sampling import SamplingParams, rejection_sample, warp
 from specserve.engine.speculative import SpecConfig, generate
 from specserve.engine.ssd import (DraftSession, Proposal, StaleRound, default_fanout, forward_branches,
                                   predict_outcomes, sparse_proposal)
-from specserve.engine.tiny import tiny_model
+from specserve.models.tiny import tiny_model
 
 from test_engine import V, chi2_pvalue, exact_two_token_law
 

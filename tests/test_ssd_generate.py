@@ -6,7 +6,7 @@ import torch
 from specserve.engine.models import LM
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.speculative import SpecConfig, Stats, generate
-from specserve.engine.tiny import tiny_model
+from specserve.models.tiny import tiny_model
 from specserve.pipeline.draft_server import serve
 from specserve.pipeline.local_draft_worker import LocalDraftWorker
 from specserve.pipeline.remote_drafter import DraftClient, RemoteDrafter

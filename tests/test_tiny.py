@@ -1,4 +1,4 @@
-"""Tests for specserve.engine.tiny: tiny random Qwen2 models and the trained BPE tokenizer."""
+"""Tests for specserve.models.tiny: tiny random Qwen2 models and the trained BPE tokenizer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from specserve.engine import tiny
-from specserve.engine.tiny import TINY_NAMES, build_tiny, tiny_config, tiny_model, train_tokenizer
+from specserve.models import tiny
+from specserve.models.tiny import TINY_NAMES, build_tiny, tiny_config, tiny_model, train_tokenizer
 
 MIXED_TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",

@@ -1,6 +1,6 @@
 """Load a causal LM + tokenizer, and drive it through a KV cache that can be rolled back.
 
-`load_model` takes a local directory, a prepared model name (see `prepare.py`) or a hub id (when
+`load_model` takes a local directory, a prepared model name (see `specserve.models`) or a hub id (when
 online), a dtype and a thread count. `KVCache` is the only way the decoding loops touch a model:
 `forward(ids)` appends tokens and returns their logits, `crop(n)` rolls rejected tokens back,
 `expand(b)` / `select(i)` copy the prefix along the batch axis for fan-out branches.
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..models import resolve_model
 from .kernels import pack_linears
 
 __all__ = ["LM", "KVCache", "load_model", "set_threads", "DTYPES", "check_pair", "resolve_device"]
@@ -147,19 +148,6 @@ class KVCache:
         self.cache.batch_select_indices(torch.tensor([index], device=self.device))
 
 
-def _resolve(name_or_path: str, dtype: str) -> str:
-    """A local dir, a prepared model name, or a hub id -> something from_pretrained takes."""
-    try:
-        from .prepare import resolve_model
-    except ImportError:  # pragma: no cover - prepare.py is part of the package
-        resolve_model = None
-    if resolve_model is not None:
-        return resolve_model(name_or_path, dtype=dtype)
-    if Path(name_or_path).is_dir():
-        return name_or_path
-    raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
-
-
 def load_model(
     name_or_path: str,
     dtype: str = "float32",
@@ -193,7 +181,7 @@ def load_model(
         raise ValueError(f"kernels must be auto, packed or plain, got {kernels!r}")
     device = resolve_device(device, quantize)
     set_threads(threads)
-    src = _resolve(str(name_or_path), dtype)
+    src = resolve_model(str(name_or_path), dtype=dtype)  # a dir, a prepared name or a hub id
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype])
     model.eval()
