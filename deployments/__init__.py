@@ -1,1 +1,1 @@
-"""Ray Serve deployments of specserve (ARCHITECTURE.md, layer 3): `app.build_app(config)`."""
+"""Ray Serve deployments of specserve (docs/architecture.md, "Layers"): `app.build_app(config)`."""

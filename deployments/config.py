@@ -11,6 +11,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from specserve.serving.api import Limits
+
 __all__ = ["Replicas", "TargetConfig", "DraftConfig", "LimitsConfig", "AppConfig"]
 
 
@@ -110,16 +112,19 @@ class DraftConfig(_Strict):
     """Scaling and resources of the draft deployment."""
 
 
+_LIMITS = Limits()  # the defaults' one owner: the limits the request validation applies
+
+
 class LimitsConfig(_Strict):
     """What one request may ask for (larger requests get INVALID_ARGUMENT / RESOURCE_EXHAUSTED)."""
 
-    max_tokens: int = Field(1024, ge=1)
+    max_tokens: int = Field(_LIMITS.max_tokens, ge=1)
     """The most new tokens a request may ask for."""
-    default_max_tokens: int = Field(128, ge=1)
+    default_max_tokens: int = Field(_LIMITS.default_max_tokens, ge=1)
     """New tokens when a request does not say."""
-    max_prompt_chars: int = Field(200_000, ge=1)
+    max_prompt_chars: int = Field(_LIMITS.max_prompt_chars, ge=1)
     """Longer prompts (or chat messages) are refused before tokenizing."""
-    k_max: int = Field(16, ge=1, le=64)
+    k_max: int = Field(_LIMITS.k_max, ge=1, le=64)
     """The largest draft length (speculation.k) a request may ask for."""
     default_mode: Optional[Literal["ar", "sd", "ssd"]] = None
     """Mode of requests that do not say (None: ssd with a draft deployment, else ar)."""

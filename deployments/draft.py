@@ -9,7 +9,7 @@ from __future__ import annotations
 import ray
 from ray import serve
 
-from specserve.engine.models import load_model
+from specserve.engine.lm import load_model
 from specserve.pipeline.draft_server import serve as serve_speculation
 from specserve.serving.replica import rss_mb
 

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 from ray import serve
 
-from specserve.engine.models import load_model
+from specserve.engine.lm import load_model
 from specserve.serving.api import GenParams
 from specserve.serving.replica import SessionCache, TargetReplica, rss_mb, stream_in_pool
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from specserve.engine.models import load_model
+from specserve.engine.lm import load_model
 from specserve.models.tiny import build_tiny
 
 # Tiny models gain nothing from threads, and two spinning threads on a busy 2-core machine make

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specserve.engine.models import LM, load_model
+from specserve.engine.lm import LM, load_model
 from specserve.engine.sampling import SamplingParams, warp
 from specserve.engine.speculative import SpecConfig, Stats, generate
 from specserve.models.tiny import tiny_model
@@ -177,7 +177,7 @@ def test_missing_model_directory(tmp_path):
 def test_device_choice_is_checked_and_auto_falls_back_to_the_cpu(tiny_dir):
     import torch
 
-    from specserve.engine.models import load_model, resolve_device
+    from specserve.engine.lm import load_model, resolve_device
 
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto", quantize="int8") == "cpu"  # dynamic int8 runs on the CPU only

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from deployments.config import AppConfig
-from specserve import k8s
+from specserve.tools import k8s
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

@@ -12,8 +12,6 @@ sessions in a private redis-server with AOF that the tests stop and restart):
 
 from __future__ import annotations
 
-import threading
-import time
 
 import grpc
 import pytest

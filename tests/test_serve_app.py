@@ -161,6 +161,25 @@ def test_chat_cli_repl(client):
     assert "[session " in err.getvalue() and "prefix reused 0" in err.getvalue()
 
 
+def test_chat_cli_resumes_a_session_started_elsewhere(client, app, monkeypatch, capsys):
+    import io
+    import re
+
+    from specserve.cli import main
+    from specserve.client.chat import run_chat
+
+    err = io.StringIO()
+    assert run_chat(client, inp=io.StringIO("hi\n"), out=io.StringIO(), err=err, max_tokens=4) == 0
+    sid, token = re.search(r"--session (\S+) --session-token (\S+)\)", err.getvalue()).groups()
+    for given, code in ((token, 0), ("not-the-token", 1)):  # a fresh client knows no session token
+        monkeypatch.setattr("sys.stdin", io.StringIO("/history\n"))
+        assert main(["chat", "--address", app, "--session", sid, "--session-token", given]) == code
+        captured = capsys.readouterr()
+        assert ("user: hi" in captured.out) == (code == 0), captured
+    assert "PERMISSION_DENIED" in captured.err
+    assert main(["chat", "--address", app, "--session-token", token]) == 2  # a token needs its session
+
+
 def test_bench_server_measures_every_mode_through_the_stack(app, tmp_path, capsys):
     import json
 

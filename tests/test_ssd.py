@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specserve.engine import ssd
-from specserve.engine.models import LM
+from specserve.engine.lm import LM
 from specserve.engine.sampling import SamplingParams, rejection_sample, warp
 from specserve.engine.speculative import SpecConfig, generate
 from specserve.engine.ssd import (DraftSession, Proposal, StaleRound, default_fanout, forward_branches,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from specserve.engine.models import LM
+from specserve.engine.lm import LM
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.speculative import SpecConfig, Stats, generate
 from specserve.models.tiny import tiny_model

@@ -108,7 +108,7 @@ def load_pair(args, draft: str | None, threads: int | None, quiet: bool = False)
     """The target of --target and the draft `draft` (None: no draft), with the model flags."""
     from transformers.utils import logging as hf_logging
 
-    from ..engine.models import load_model
+    from ..engine.lm import load_model
 
     hf_logging.disable_progress_bar()  # our own one-line report per model instead
     try:

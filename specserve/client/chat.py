@@ -45,14 +45,17 @@ def run_chat(client: Client, session_id: str = "", system: str = "", inp: TextIO
                 for t in client.get_session(session_id).turns:
                     print(f"{t.role}: {t.content}{'' if t.complete else ' [cut short]'}", file=out)
                 continue
-            stats = None
+            stats, token = None, ""
             for chunk in client.chat(msg, session_id=session_id, system=system, **kw):
-                session_id = chunk.session_id
+                session_id, token = chunk.session_id, token or chunk.session_token
                 out.write(chunk.text)
                 out.flush()
                 if chunk.HasField("stats"):
                     stats = chunk.stats
             out.write("\n")
+            if token:  # a session this turn started
+                print(f"(new session {session_id}: continue it elsewhere with --session {session_id} "
+                      f"--session-token {token})", file=err)
             code = 0
             if stats is not None:
                 print(f"[session {session_id} | {stats.mode} | {stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, "

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from . import defaults
-from .models import LM, KVCache, check_pair
+from .lm import LM, KVCache, check_pair
 from .sampling import SamplingParams, rejection_sample, sample, warp
 from .text import TextStream
 

@@ -53,7 +53,7 @@ except ImportError:  # older transformers: fall back to crop + select after bran
     DynamicLayer = None
 
 from . import defaults
-from .models import LM, KVCache
+from .lm import LM, KVCache
 from .sampling import SamplingParams, sample, warp
 
 __all__ = ["Proposal", "StaleRound", "DraftSession", "default_fanout", "predict_outcomes",

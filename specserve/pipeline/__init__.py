@@ -1,4 +1,4 @@
-"""The speculation pipeline: the target <-> draft gRPC stream (ARCHITECTURE.md, layer 2).
+"""The speculation pipeline: the target <-> draft gRPC stream (docs/architecture.md, "The speculation protocol").
 
 - `wire.py`: engine objects <-> protobuf messages (specserve.v1.speculation_pb2), no gRPC.
 - `draft_server.py`: the draft side. `DraftService` applies one TargetMessage at a time to its

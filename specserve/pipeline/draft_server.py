@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 import grpc
 
-from ..engine.models import LM, load_model, set_threads
+from ..engine.lm import LM, load_model, set_threads
 from ..engine.ssd import DraftSession, StaleRound
 from ..v1 import speculation_pb2_grpc as pb_grpc
 from .wire import error_message, message_seq, pb, proposal_message, session_kwargs

@@ -11,7 +11,7 @@ decides for itself what a missing piece means (a usage error, an API error, or r
 
 from __future__ import annotations
 
-from ..engine.models import LM
+from ..engine.lm import LM
 from ..engine.sampling import SamplingParams
 from ..engine.speculative import MODES, Drafter, SpecConfig
 from .remote_drafter import DraftClient, RemoteDrafter

@@ -23,7 +23,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
-from ..engine.models import LM, KVCache
+from ..engine.lm import LM, KVCache
 from ..engine.sampling import SamplingParams
 from ..engine.speculative import SpecConfig, Stats, generate
 from ..pipeline.drafters import make_drafter

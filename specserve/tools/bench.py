@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.models import LM
+from ..engine.lm import LM
 from ..engine.sampling import SamplingParams
 from ..engine.speculative import SpecConfig, Stats, generate
 from ..pipeline.drafters import make_drafter
