@@ -216,6 +216,10 @@ def test_early_stop_and_budget_shorten_proposals(tiny, prompts):
     assert drafted[0.003] < drafted[0.0]
 
 
+@pytest.mark.parametrize("kwargs, field", [({"fanout": [1, 2]}, "fanout"), ({"fanout": [1, -1, 2, 3, 4]}, "fanout"),
+                                           ({"k": 0}, "k"), ({"q_top": 0}, "q_top"), ({"stop_prob": 1.0}, "stop_prob"),
+                                           ({"max_new_tokens": 0}, "max_new_tokens"), ({"prompt_ids": []}, "prompt"),
+                                           ({"prompt_ids": [1, 10 ** 6]}, "prompt token ids")])
 def test_bad_session_arguments(tiny, kwargs, field):
     args = {"prompt_ids": [1, 2, 3], "sampling": SamplingParams(), **kwargs}
     with pytest.raises(ValueError, match=field):

@@ -14,9 +14,13 @@ from .client import Client, ClientError
 HELP = "type a message and Enter; /new starts a new session, /history shows it, /quit (or Ctrl-D) leaves"
 
 
-def run_chat(client: Client, session_id: str = "", system: str = "", inp: TextIO = sys.stdin,
-             out: TextIO = sys.stdout, err: TextIO = sys.stderr, **kw) -> int:
-    """The REPL; returns the exit code (1 when the last turn failed). kw: `client.request_fields`."""
+def run_chat(client: Client, session_id: str = "", system: str = "", inp: TextIO | None = None,
+             out: TextIO | None = None, err: TextIO | None = None, **kw) -> int:
+    """The REPL; returns the exit code (1 when the last turn failed). kw: `client.request_fields`.
+
+    inp / out / err default to this process's stdin / stdout / stderr at call time.
+    """
+    inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
     tty = inp.isatty()
     if tty:
         print(HELP, file=err)
