@@ -24,9 +24,10 @@ BUILDS = {
     "gpu": K8S / "overlays" / "gpu",
     "cpu-demo": K8S / "overlays" / "cpu-demo",
     "gcs-ft": K8S / "overlays" / "gcs-ft",
+    "models-pvc": K8S / "overlays" / "models-pvc",
 }
 # the `specserve k8s render` overlay whose serveConfigV2 each build carries
-RENDERED = {"base": "base", "gpu": "gpu", "cpu-demo": "cpu-demo", "gcs-ft": "gpu"}
+RENDERED = {"base": "base", "gpu": "gpu", "cpu-demo": "cpu-demo", "gcs-ft": "gpu", "models-pvc": "gpu"}
 RAY = "ray.io/v1", "RayService"
 
 

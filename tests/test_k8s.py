@@ -32,7 +32,8 @@ KUBERAY_VERSION = "v1.7.0"
 
 # What each overlay may change in the build it is made from (PARENT), and must change (every
 # pattern matches at least one changed leaf). Paths are kind/name/path/to/leaf; `*` also matches `/`.
-PARENT = {"gpu": "base", "cpu-demo": "base", "gcs-ft": "gpu"}
+PARENT = {"gpu": "base", "cpu-demo": "base", "gcs-ft": "gpu", "models-pvc": "gpu"}
+ADDED = {"models-pvc": {"PersistentVolumeClaim/specserve-models", "Job/specserve-models-prepare"}}
 _RS = "RayService/specserve/spec"
 _WG = _RS + "/rayClusterConfig/workerGroupSpecs/*/template/spec"
 _HEAD = _RS + "/rayClusterConfig/headGroupSpec/template/spec"
@@ -43,6 +44,7 @@ INTENDED = {
                  _HEAD + "/containers/0/resources/*", _WG + "/containers/0/resources/*",
                  _WG + "/nodeSelector*", _WG + "/tolerations*"],
     "gcs-ft": [_RS + "/rayClusterConfig/gcsFaultToleranceOptions/*"],
+    "models-pvc": [_WG + "/initContainers/0/*", _WG + "/volumes/0/*", _WG + "/containers/0/volumeMounts/0/readOnly"],
 }
 
 
@@ -78,7 +80,7 @@ def _changed(a: dict, b: dict) -> set[str]:
 @pytest.mark.parametrize("overlay", INTENDED)
 def test_overlays_change_their_parent_only_where_intended(builds, overlay):
     base, over = builds[PARENT[overlay]], builds[overlay]
-    assert set(over) == set(base), "an overlay adds or drops resources"
+    assert set(over) == set(base) | ADDED.get(overlay, set()), "an overlay adds or drops resources"
     changed = set().union(*({f"{k}/{p}" for p in _changed(base[k], over[k])} for k in base))
     allowed = INTENDED[overlay]
     unintended = sorted(p for p in changed if not any(fnmatch.fnmatchcase(p, a) for a in allowed))
@@ -264,7 +266,7 @@ def test_replicas_land_on_their_own_worker_group_and_fit(builds, name):
 
 
 def test_gpu_builds_ask_for_gpus_and_cpu_demo_for_none(builds):
-    for name in ("base", "gpu", "gcs-ft"):
+    for name in ("base", "gpu", "gcs-ft", "models-pvc"):
         cfg = app_config(builds[name])
         for g in groups(builds[name]).values():
             res = g["template"]["spec"]["containers"][0]["resources"]

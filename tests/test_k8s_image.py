@@ -120,7 +120,8 @@ def test_image_tags_and_ray_version_agree_with_the_manifests(steps):
         build = builds[name]
         assert cluster(build)["rayVersion"] == args["RAY_VERSION"]
         tag = "cpu" if name == "cpu-demo" else "gpu"
-        for g in ray_pods(build):
-            spec = g["template"]["spec"]
+        pods = [g["template"]["spec"] for g in ray_pods(build)]
+        pods += [d["spec"]["template"]["spec"] for d in build.values() if d["kind"] == "Job"]
+        for spec in pods:
             for c in spec["containers"] + spec.get("initContainers", []):
                 assert c["image"].endswith(f"specserve:{version}-{tag}"), (name, c["image"])

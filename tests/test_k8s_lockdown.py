@@ -110,8 +110,7 @@ def test_ray_ports_are_for_the_clusters_own_pods_and_serve_ports_for_all(builds,
     for peer in pods:
         assert reachable(build, redis, peer, APP_NS, 6379)
     for peer, ns in strangers + [(OPERATOR, KUBERAY_NS)]:
-        if peer is not redis and peer.get("app.kubernetes.io/part-of") != "specserve":
-            assert not reachable(build, redis, peer, ns, 6379), peer
+        assert not reachable(build, redis, peer, ns, 6379), peer
 
 
 def test_the_policy_check_can_fail(builds):
@@ -209,30 +208,55 @@ def test_the_redis_command_starts_a_server_that_wants_the_password(builds, tmp_p
 # ---------------------------------------------------------------------------- models and placement
 
 
-@pytest.mark.parametrize("name", BUILDS)
-def test_every_worker_prepares_the_models_its_replicas_load(builds, name):
+def _prepares(cmd: list[str]) -> set[str]:
+    """The models `specserve models prepare ...` prepares."""
     from specserve.engine.prepare import KNOWN_MODELS, PAIRS
 
-    cfg = app_config(builds[name])
+    assert cmd[:3] == ["specserve", "models", "prepare"], cmd
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    pair = cmd[cmd.index("--pair") + 1] if "--pair" in cmd else "qwen2.5-coder"
+    prepared = set(PAIRS[pair]) if pair in PAIRS else {pair}
+    assert prepared <= set(KNOWN_MODELS)
+    return prepared
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_every_worker_gets_the_models_its_replicas_load(builds, name):
+    """Prepared by its init container into its own volume, or by a Job into a shared claim that its
+    init container waits for: either way at $SPECSERVE_HOME, where the engine looks."""
+    build = builds[name]
+    cfg = app_config(build)
     loads = {"target": {cfg.target.model} | ({cfg.draft.model} if cfg.target.local_draft else set()),
              "draft": {cfg.draft.model}}
-    for group, g in groups(builds[name]).items():
+    jobs = [d["spec"]["template"]["spec"] for d in build.values() if d["kind"] == "Job"]
+    for group, g in groups(build).items():
         spec = g["template"]["spec"]
         (init,) = spec["initContainers"]
-        cmd = init["command"]
-        assert cmd[:3] == ["specserve", "models", "prepare"]
-        pair = cmd[cmd.index("--pair") + 1] if "--pair" in cmd else "qwen2.5-coder"
-        prepared = set(PAIRS[pair]) if pair in PAIRS else {pair}
-        assert loads[group] <= prepared <= set(KNOWN_MODELS), (group, prepared)
         (ray,) = spec["containers"]
         home = {e["name"]: e.get("value") for e in ray["env"]}["SPECSERVE_HOME"]
         assert {e["name"]: e.get("value") for e in init["env"]}["SPECSERVE_HOME"] == home
         (mount,) = [m for m in ray["volumeMounts"] if m["mountPath"] == home]
-        assert {"name": mount["name"], "mountPath": home} in init["volumeMounts"]
-        assert mount["name"] in {v["name"] for v in spec["volumes"]}
-        for side in ("requests", "limits"):  # the init container fits in what the pod asks for
+        assert {"name": mount["name"], "mountPath": home} in [{k: m[k] for k in ("name", "mountPath")}
+                                                               for m in init["volumeMounts"]]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        if "emptyDir" in volume:
+            assert loads[group] <= _prepares(init["command"]), group
+            continue
+        claim = volume["persistentVolumeClaim"]["claimName"]
+        assert volume["persistentVolumeClaim"]["readOnly"] and mount["readOnly"]
+        (job,) = [j for j in jobs if any((v.get("persistentVolumeClaim") or {}).get("claimName") == claim
+                                         for v in j["volumes"])]
+        (prep,) = job["containers"]
+        assert {e["name"]: e.get("value") for e in prep["env"]}["SPECSERVE_HOME"] == home
+        assert loads[group] <= _prepares(prep["command"]), group
+        for model in loads[group]:  # the init container waits for each one
+            assert f"$SPECSERVE_HOME/models/{model}-bfloat16/specserve.json" in init["command"][-1], model
+        assert build[f"PersistentVolumeClaim/{claim}"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    for g in groups(build).values():  # the init containers fit in what the pod asks for
+        init, ray = g["template"]["spec"]["initContainers"][0], g["template"]["spec"]["containers"][0]
+        for side in ("requests", "limits"):
             for r in ("cpu", "memory"):
-                assert _qty(init["resources"][side][r]) <= _qty(ray["resources"][side][r]), (group, r)
+                assert _qty(init["resources"][side][r]) <= _qty(ray["resources"][side][r]), r
 
 
 def _qty(q) -> float:
@@ -243,7 +267,7 @@ def _qty(q) -> float:
     return float(q)
 
 
-@pytest.mark.parametrize("name", ["base", "gpu", "gcs-ft"])
+@pytest.mark.parametrize("name", ["base", "gpu", "gcs-ft", "models-pvc"])
 def test_drafts_share_a_gpu_and_prefer_the_targets_nodes(builds, name):
     cfg, g = app_config(builds[name]), groups(builds[name])
     assert cfg.draft.replicas.num_gpus == 0.5
