@@ -281,3 +281,40 @@ def test_drafts_share_a_gpu_and_prefer_the_targets_nodes(builds, name):
     assert _selects(term["labelSelector"], target_labels)
     assert not _selects(term["labelSelector"], _pod_labels(g["draft"]))
 
+
+
+# ---------------------------------------------------------------------------- k8s/README.md
+
+
+def _secret_refs(node, out: set) -> set:
+    """Every (Secret, key) a manifest reads: secretKeyRef anywhere, and Ray's token Secret."""
+    if isinstance(node, dict):
+        if "secretKeyRef" in node:
+            out.add((node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]))
+        if (node.get("authOptions") or {}).get("secretName"):
+            out.add((node["authOptions"]["secretName"], "auth_token"))  # the key KubeRay reads
+        for v in node.values():
+            _secret_refs(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _secret_refs(v, out)
+    return out
+
+
+def test_the_readme_commands_match_the_manifests(builds):
+    import re
+
+    from k8s_helpers import K8S
+
+    text = (K8S / "README.md").read_text()
+    created = set(re.findall(r"kubectl create secret generic (\S+) -n specserve --from-literal=(\w+)=", text))
+    read = set().union(*(_secret_refs(list(builds[n].values()), set()) for n in BUILDS))
+    assert created == read, f"the README creates {sorted(created)}, the pods read {sorted(read)}"
+    for path in re.findall(r"-k (k8s/[\w/-]+)", text):
+        assert (K8S.parent / path / "kustomization.yaml").is_file(), path
+    assert "kubectl wait -n specserve --for=condition=Ready rayservice/specserve" in text
+    assert not re.search(r"(?<!kubectl )\bkustomize (edit|build)\b", text), "kustomize is kubectl's: no separate binary"
+    for cmd in ("chat", "bench-server", "loadtest"):
+        (line,) = [ln for ln in text.splitlines() if ln.startswith(f"specserve {cmd} ")]
+        assert '--token "$SPECSERVE_TOKEN"' in line, line
+    assert "70B" in text and "tensor parallelism" in text
