@@ -29,6 +29,7 @@ BUILDS = {
 # the `specserve k8s render` overlay whose serveConfigV2 each build carries
 RENDERED = {"base": "base", "gpu": "gpu", "cpu-demo": "cpu-demo", "gcs-ft": "gpu", "models-pvc": "gpu"}
 RAY = "ray.io/v1", "RayService"
+FAST_YAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader where PyYAML has it
 
 
 def key(doc: dict) -> str:
@@ -49,7 +50,7 @@ def kustomize(d: Path) -> dict[str, dict]:
     out = subprocess.run(["kubectl", "kustomize", str(d)], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise AssertionError(f"kubectl kustomize {d} failed: {out.stderr}")
-    return by_key([x for x in yaml.safe_load_all(out.stdout) if x])
+    return by_key([x for x in yaml.load_all(out.stdout, Loader=FAST_YAML) if x])
 
 
 class Builds(dict):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_helpers import (BUILDS, K8S, RAY, RENDERED, ROOT, SERVE_YAML, app_config, build_all, groups, key,
+from k8s_helpers import (BUILDS, FAST_YAML, K8S, RAY, RENDERED, ROOT, SERVE_YAML, app_config, build_all, groups, key,
                          kustomize, ray_pods, rayservice, serve_config)
 
 from specserve import k8s
@@ -122,7 +122,7 @@ def rayservice_validator():
 
     text = CRD_SCHEMA.read_text()
     assert KUBERAY_VERSION in text.splitlines()[0], "the schema's header names its KubeRay version"
-    return jsonschema.Draft7Validator(_strict(yaml.safe_load(text)))
+    return jsonschema.Draft7Validator(_strict(yaml.load(text, Loader=FAST_YAML)))
 
 
 @pytest.mark.parametrize("name", BUILDS)
