@@ -7,6 +7,8 @@ the same file (and lets flags override models and Redis), and the Kubernetes Ray
 from __future__ import annotations
 
 import os
+import re
+import urllib.parse
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -140,7 +142,9 @@ class AppConfig(_Strict):
     router: Replicas = Replicas(num_cpus=0.1, max_ongoing_requests=64, target_ongoing_requests=32)
     """Scaling and resources of the router (the gRPC ingress)."""
     redis_url: Optional[str] = None
-    """Session store: redis://host:port/db (None: $REDIS_URL, else in-memory, lost on restart)."""
+    """Session store: redis://host:port/db (None: $REDIS_URL, else in-memory, lost on restart).
+    `${NAME}` in it is replaced by the router's environment variable NAME, URL-quoted, so a password
+    can come from a Kubernetes Secret: redis://:${SPECSERVE_REDIS_PASSWORD}@specserve-redis:6379/0."""
     session_ttl_s: float = Field(86400.0, gt=0)
     """Sessions idle this long are forgotten."""
     auth_token: Optional[str] = None
@@ -170,7 +174,17 @@ class AppConfig(_Strict):
         return self.limits.default_mode or ("ssd" if self.draft is not None else "ar")
 
     def resolved_redis_url(self) -> Optional[str]:
-        return self.redis_url or os.environ.get("REDIS_URL") or None
+        """redis_url with each `${NAME}` read from the environment (ValueError when unset), else $REDIS_URL."""
+        if not self.redis_url:
+            return os.environ.get("REDIS_URL") or None
+
+        def env(m: re.Match) -> str:
+            value = os.environ.get(m.group(1))
+            if not value:
+                raise ValueError(f"redis_url names ${{{m.group(1)}}} but ${m.group(1)} is not set in the router's environment")
+            return urllib.parse.quote(value, safe="")
+
+        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", env, self.redis_url)
 
     def resolved_auth_token(self) -> Optional[str]:
         """The bearer token, with `env:NAME` read from the environment (ValueError when unset)."""

@@ -1,16 +1,14 @@
 """The Kubernetes manifests (k8s/): they build, validate, and say what specserve needs.
 
-No cluster and no network: every manifest of every kustomize build (base, overlays gpu and
-cpu-demo) is checked against the Kubernetes schemas of one pinned version (the kubernetes-validate
+No cluster and no network: every build (base, overlays gpu, cpu-demo and gcs-ft) is made by real
+kustomize (`kubectl kustomize`, tests/k8s_helpers.py: the tests fail without kubectl) and every
+manifest is checked against the Kubernetes schemas of one pinned version (the kubernetes-validate
 package ships them) or, for the RayService, against the KubeRay CRD schema committed under
-k8s/schema/ (made strict: an unknown field fails, as with `kubectl apply --validate=strict`);
-its serveConfigV2 against Ray's ServeDeploySchema and specserve's AppConfig.
-
-Builds: `_kustomize` below is a small kustomize subset (resources, JSON 6902 `patches` with a
-target, `images`) that fails on anything else in a kustomization.yaml. Where `kubectl` is on the
-PATH (its built-in kustomize), every build is also made by it and must be identical, so the
-subset cannot drift from the real thing unnoticed. Each overlay must then equal base plus exactly
-its intended changes (`INTENDED`).
+k8s/schema/ (made strict: an unknown field fails, as with `kubectl apply --validate=strict`); its
+serveConfigV2 against Ray's ServeDeploySchema and specserve's AppConfig. Each overlay must equal
+its parent plus exactly its intended changes (`INTENDED`). What the operator checks beyond the
+schema is tests/test_k8s_rules.py; Redis, the NetworkPolicy and the images are
+tests/test_k8s_lockdown.py and tests/test_k8s_image.py.
 """
 
 from __future__ import annotations
@@ -19,168 +17,48 @@ import copy
 import fnmatch
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from k8s_helpers import (BUILDS, FAST_YAML, K8S, RAY, RENDERED, ROOT, SERVE_YAML, app_config, build_all, groups, key,
+                         kustomize, rayservice, serve_config)
 
-from deployments.config import AppConfig
 from specserve.tools import k8s
 
-ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "k8s"
-SERVE_YAML = ROOT / "deployments" / "serve_config.yaml"
 KUBERNETES_VERSION = "1.34"  # the Kubernetes API the standard kinds are validated against
 CRD_SCHEMA = K8S / "schema" / "kuberay-v1.7.0-rayservice-v1.openapi.yaml"
 KUBERAY_VERSION = "v1.7.0"
-BUILDS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "cpu-demo": K8S / "overlays" / "cpu-demo"}
-RAY = "ray.io/v1", "RayService"
 
-# What each overlay may change in the base build, and must change (every pattern matches at least
-# one changed leaf). Paths are kind/name/path/to/leaf; `*` also matches across `/`.
+# What each overlay may change in the build it is made from (PARENT), and must change (every
+# pattern matches at least one changed leaf). Paths are kind/name/path/to/leaf; `*` also matches `/`.
+PARENT = {"gpu": "base", "cpu-demo": "base", "gcs-ft": "gpu", "models-pvc": "gpu"}
+ADDED = {"models-pvc": {"PersistentVolumeClaim/specserve-models", "Job/specserve-models-prepare"}}
 _RS = "RayService/specserve/spec"
 _WG = _RS + "/rayClusterConfig/workerGroupSpecs/*/template/spec"
 _HEAD = _RS + "/rayClusterConfig/headGroupSpec/template/spec"
+_IMAGES = [_HEAD + "/containers/0/image", _WG + "/containers/0/image", _WG + "/initContainers/0/image"]
 INTENDED = {
-    "gpu": [_RS + "/serveConfigV2", _HEAD + "/containers/0/image", _WG + "/containers/0/image",
-            _RS + "/rayClusterConfig/workerGroupSpecs/*/maxReplicas"],
-    "cpu-demo": [_RS + "/serveConfigV2", _HEAD + "/containers/0/image", _WG + "/containers/0/image",
+    "gpu": [_RS + "/serveConfigV2", *_IMAGES, _RS + "/rayClusterConfig/workerGroupSpecs/*/maxReplicas"],
+    "cpu-demo": [_RS + "/serveConfigV2", *_IMAGES,
                  _HEAD + "/containers/0/resources/*", _WG + "/containers/0/resources/*",
                  _WG + "/nodeSelector*", _WG + "/tolerations*"],
+    "gcs-ft": [_RS + "/rayClusterConfig/gcsFaultToleranceOptions/*"],
+    "models-pvc": [_WG + "/initContainers/0/*", _WG + "/volumes/0/*", _WG + "/containers/0/volumeMounts/0/readOnly"],
 }
 
 
-# ---------------------------------------------------------------------------- a kustomize subset
-
-
-def _pointer(path: str) -> list[str]:
-    assert path.startswith("/"), f"JSON pointer {path!r} must start with /"
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _json6902(doc: dict, ops: list[dict], where: str) -> None:
-    """RFC 6902 add / remove / replace / test, in place."""
-    for op in ops:
-        *parents, last = _pointer(op["path"])
-        node = doc
-        for p in parents:
-            node = node[int(p)] if isinstance(node, list) else node[p]
-        if isinstance(node, list):
-            key = len(node) if last == "-" else int(last)
-        else:
-            key = last
-        kind = op["op"]
-        if kind == "test":
-            assert node[key] == op["value"], f"{where}: test failed at {op['path']}: {node[key]!r} != {op['value']!r}"
-        elif kind == "remove":
-            assert isinstance(node, list) or key in node, f"{where}: remove of missing {op['path']}"
-            del node[key]
-        elif kind == "replace":
-            assert isinstance(node, list) or key in node, f"{where}: replace of missing {op['path']}"
-            node[key] = copy.deepcopy(op["value"])
-        elif kind == "add":
-            if isinstance(node, list):
-                node.insert(key, copy.deepcopy(op["value"]))
-            else:
-                node[key] = copy.deepcopy(op["value"])
-        else:
-            raise AssertionError(f"{where}: op {kind!r} is not in this test's kustomize subset")
-
-
-def _targets(doc: dict, target: dict) -> bool:
-    assert set(target) <= {"group", "version", "kind", "name"}, f"target keys {sorted(target)}"
-    group, _, version = doc["apiVersion"].rpartition("/")
-    want = {"group": group, "version": version, "kind": doc["kind"], "name": doc["metadata"]["name"]}
-    return all(want[k] == v for k, v in target.items())
-
-
-def _split_image(image: str) -> tuple[str, str | None]:
-    if "@" in image:
-        return image.split("@", 1)[0], None
-    name, sep, tag = image.rpartition(":")
-    return (name, tag) if sep and "/" not in tag else (image, None)
-
-
-def _set_images(node, rule: dict) -> None:
-    """kustomize's image transformer: every containers[]/initContainers[] image named rule['name']."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                for c in value:
-                    name, tag = _split_image(c.get("image", ""))
-                    if name == rule["name"]:
-                        tag = rule.get("newTag", tag)
-                        c["image"] = rule.get("newName", name) + (f":{tag}" if tag else "")
-            _set_images(value, rule)
-    elif isinstance(node, list):
-        for x in node:
-            _set_images(x, rule)
-
-
-def _kustomize(d: Path) -> list[dict]:
-    k = yaml.safe_load((d / "kustomization.yaml").read_text())
-    unknown = set(k) - {"apiVersion", "kind", "resources", "patches", "images"}
-    assert not unknown, f"{d}/kustomization.yaml: {sorted(unknown)} is outside this test's kustomize subset"
-    docs: list[dict] = []
-    for r in k.get("resources", []):
-        p = d / r
-        docs += _kustomize(p) if p.is_dir() else [x for x in yaml.safe_load_all(p.read_text()) if x]
-    for patch in k.get("patches", []):
-        assert set(patch) == {"path", "target"}, f"{d}: only patches with path + target: {patch}"
-        ops = yaml.safe_load((d / patch["path"]).read_text())
-        assert isinstance(ops, list), f"{d / patch['path']}: only JSON 6902 patches (a list of ops)"
-        hits = [x for x in docs if _targets(x, patch["target"])]
-        assert hits, f"{d}: patch {patch['path']} matches no resource"
-        for x in hits:
-            _json6902(x, ops, str(d / patch["path"]))
-    for rule in k.get("images", []):
-        assert set(rule) <= {"name", "newName", "newTag"}, f"{d}: images entry {rule}"
-        _set_images(docs, rule)
-    return docs
-
-
-def _key(doc: dict) -> str:
-    return f"{doc['kind']}/{doc['metadata']['name']}"
-
-
-def _by_key(docs: list[dict]) -> dict[str, dict]:
-    out = {_key(d): d for d in docs}
-    assert len(out) == len(docs), "two resources with one kind/name"
-    return out
-
-
 @pytest.fixture(scope="module")
-def builds() -> dict[str, dict[str, dict]]:
-    return {name: _by_key(_kustomize(d)) for name, d in BUILDS.items()}
-
-
-def _rayservice(build: dict[str, dict]) -> dict:
-    return build["RayService/specserve"]
-
-
-def _serve_config(build) -> dict:
-    return yaml.safe_load(_rayservice(build)["spec"]["serveConfigV2"])
-
-
-def _app_config(build) -> AppConfig:
-    (app,) = [a for a in _serve_config(build)["applications"] if a["import_path"] == k8s.APP_IMPORT]
-    return AppConfig.model_validate(app["args"])
-
-
-def _groups(build) -> dict[str, dict]:
-    return {g["groupName"]: g for g in _rayservice(build)["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+def builds():
+    return build_all()
 
 
 # ---------------------------------------------------------------------------- builds
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its kustomize) is not on PATH")
-@pytest.mark.parametrize("name", BUILDS)
-def test_the_subset_builds_what_real_kustomize_builds(builds, name):
-    out = subprocess.run(["kubectl", "kustomize", str(BUILDS[name])], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert _by_key([d for d in yaml.safe_load_all(out.stdout) if d]) == builds[name]
+def test_every_overlay_directory_is_a_tested_build():
+    on_disk = {p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file()}
+    assert on_disk == set(BUILDS) - {"base"} == set(INTENDED) == set(PARENT)
 
 
 def _leaves(x, path=()):
@@ -200,10 +78,10 @@ def _changed(a: dict, b: dict) -> set[str]:
 
 
 @pytest.mark.parametrize("overlay", INTENDED)
-def test_overlays_change_base_only_where_intended(builds, overlay):
-    base, over = builds["base"], builds[overlay]
-    assert set(over) == set(base), "an overlay adds or drops resources"
-    changed = set().union(*({f"{key}/{p}" for p in _changed(base[key], over[key])} for key in base))
+def test_overlays_change_their_parent_only_where_intended(builds, overlay):
+    base, over = builds[PARENT[overlay]], builds[overlay]
+    assert set(over) == set(base) | ADDED.get(overlay, set()), "an overlay adds or drops resources"
+    changed = set().union(*({f"{k}/{p}" for p in _changed(base[k], over[k])} for k in base))
     allowed = INTENDED[overlay]
     unintended = sorted(p for p in changed if not any(fnmatch.fnmatchcase(p, a) for a in allowed))
     assert not unintended, f"{overlay} changes more than intended: {unintended}"
@@ -217,8 +95,8 @@ def test_a_reordered_worker_group_breaks_the_overlay_build(tmp_path):
     doc = yaml.safe_load(rs.read_text())
     doc["spec"]["rayClusterConfig"]["workerGroupSpecs"].reverse()
     rs.write_text(yaml.safe_dump(doc))
-    with pytest.raises(AssertionError, match="test failed"):
-        _kustomize(tmp_path / "k8s" / "overlays" / "gpu")
+    with pytest.raises(AssertionError, match="testing value"):
+        kustomize(tmp_path / "k8s" / "overlays" / "gpu")
 
 
 # ---------------------------------------------------------------------------- schemas
@@ -244,7 +122,7 @@ def rayservice_validator():
 
     text = CRD_SCHEMA.read_text()
     assert KUBERAY_VERSION in text.splitlines()[0], "the schema's header names its KubeRay version"
-    return jsonschema.Draft7Validator(_strict(yaml.safe_load(text)))
+    return jsonschema.Draft7Validator(_strict(yaml.load(text, Loader=FAST_YAML)))
 
 
 @pytest.mark.parametrize("name", BUILDS)
@@ -257,12 +135,12 @@ def test_standard_kinds_validate_against_the_kubernetes_schemas(builds, name):
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{name}: {_key(doc)} at {'/'.join(map(str, e.path))}: {e.message}")
+            pytest.fail(f"{name}: {key(doc)} at {'/'.join(map(str, e.path))}: {e.message}")
 
 
 @pytest.mark.parametrize("name", BUILDS)
 def test_rayservice_validates_against_the_kuberay_crd(builds, rayservice_validator, name):
-    rs = _rayservice(builds[name])
+    rs = rayservice(builds[name])
     assert (rs["apiVersion"], rs["kind"]) == RAY
     errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in rayservice_validator.iter_errors(rs)]
     assert not errors, f"{name}: {errors}"
@@ -270,7 +148,7 @@ def test_rayservice_validates_against_the_kuberay_crd(builds, rayservice_validat
 
 
 def test_the_crd_check_is_strict(builds, rayservice_validator):
-    rs = copy.deepcopy(_rayservice(builds["base"]))
+    rs = copy.deepcopy(rayservice(builds["base"]))
     rs["spec"]["rayClusterConfig"]["enableInTreeAutoScaling"] = True  # a typo the API server would drop
     rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "4"
     messages = " ".join(e.message for e in rayservice_validator.iter_errors(rs))
@@ -283,11 +161,11 @@ def test_serve_config_v2_is_the_rendered_serve_config(builds, name):
 
     from deployments.app import build_app
 
-    text = _rayservice(builds[name])["spec"]["serveConfigV2"]
-    assert text == k8s.render(SERVE_YAML, name)
+    text = rayservice(builds[name])["spec"]["serveConfigV2"]
+    assert text == k8s.render(SERVE_YAML, RENDERED[name])
     raw = yaml.safe_load(text)
     ServeDeploySchema.model_validate(raw)
-    cfg = _app_config(builds[name])
+    cfg = app_config(builds[name])
     assert build_app(cfg) is not None  # binds the graph: Serve checks every deployment's options
     local = yaml.safe_load(SERVE_YAML.read_text())
     assert raw["grpc_options"] == local["grpc_options"]
@@ -324,7 +202,7 @@ def test_render_check_names_stale_files_and_render_fixes_them(tmp_path, capsys):
     assert k8s.main(["render", "--root", str(root)]) == 0
     assert k8s.main(["render", "--check", "--root", str(root)]) == 0
     for name, d in BUILDS.items():
-        cfg = _app_config(_by_key(_kustomize(root / d.relative_to(ROOT))))
+        cfg = app_config(kustomize(root / d.relative_to(ROOT)))
         assert cfg.session_ttl_s == 3600, name
     # only the serveConfigV2 block of the hand-written base file changed
     before, after = (K8S / "base" / "rayservice.yaml").read_text(), (root / "k8s/base/rayservice.yaml").read_text()
@@ -365,14 +243,14 @@ def _quantity(q) -> float:
 
 @pytest.mark.parametrize("name", BUILDS)
 def test_replicas_land_on_their_own_worker_group_and_fit(builds, name):
-    cfg, groups = _app_config(builds[name]), _groups(builds[name])
-    assert set(groups) == {"target", "draft"}
+    cfg, grps = app_config(builds[name]), groups(builds[name])
+    assert set(grps) == {"target", "draft"}
     spare = {}
     for role, rep in (("target", cfg.target.replicas), ("draft", cfg.draft.replicas)):
         assert rep.resources, f"{name}: {role}.replicas.resources must name the group's custom resource"
-        declaring = [g for g, spec in groups.items() if set(rep.resources) & set(spec.get("resources", {}))]
+        declaring = [g for g, spec in grps.items() if set(rep.resources) & set(spec.get("resources", {}))]
         assert declaring == [role], f"{name}: {role} replicas would land on {declaring}"
-        g = groups[role]
+        g = grps[role]
         per_pod = min(float(g["resources"][r]) // amount for r, amount in rep.resources.items())
         assert per_pod >= 1, f"{name}: one {role} pod cannot hold one replica"
         assert g["maxReplicas"] * per_pod >= rep.max_replicas, \
@@ -382,31 +260,32 @@ def test_replicas_land_on_their_own_worker_group_and_fit(builds, name):
         assert _quantity(limits.get("nvidia.com/gpu", 0)) >= rep.num_gpus * per_pod
         assert _quantity(limits["cpu"]) >= rep.num_cpus * per_pod
         spare[role] = _quantity(limits["cpu"]) - rep.num_cpus * per_pod
-    head = _rayservice(builds[name])["spec"]["rayClusterConfig"]["headGroupSpec"]
+    head = rayservice(builds[name])["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"  # no replica on the head...
     assert max(spare.values()) >= cfg.router.num_cpus, "...so a worker pod must have room for the router"
 
 
 def test_gpu_builds_ask_for_gpus_and_cpu_demo_for_none(builds):
-    for name in ("base", "gpu"):
-        cfg = _app_config(builds[name])
-        for g in _groups(builds[name]).values():
+    for name in ("base", "gpu", "gcs-ft", "models-pvc"):
+        cfg = app_config(builds[name])
+        for g in groups(builds[name]).values():
             res = g["template"]["spec"]["containers"][0]["resources"]
             assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
             assert g["template"]["spec"]["nodeSelector"] and g["template"]["spec"]["tolerations"]
         for part in (cfg.target, cfg.draft):
-            assert part.dtype == "bfloat16" and part.threads is None and part.replicas.num_gpus == 1
+            assert part.dtype == "bfloat16" and part.threads is None
+        assert cfg.target.replicas.num_gpus == 1 and 0 < cfg.draft.replicas.num_gpus < 1  # drafts share a GPU
         assert cfg.draft.quantize == "none"
     demo = builds["cpu-demo"]
     assert "nvidia.com/gpu" not in yaml.safe_dump(list(demo.values()))
-    cfg = _app_config(demo)
+    cfg = app_config(demo)
     assert cfg.target.dtype == cfg.draft.dtype == "float32" and cfg.draft.quantize == "int8"
     for rep in (cfg.target.replicas, cfg.draft.replicas, cfg.router):
         assert rep.num_gpus == 0 and rep.num_cpus != int(rep.num_cpus)  # fractional CPUs
-    for g in _groups(demo).values():
+    for g in groups(demo).values():
         assert "nodeSelector" not in g["template"]["spec"] and "tolerations" not in g["template"]["spec"]
-    gpu = _app_config(builds["gpu"])
-    assert gpu.target.replicas.max_replicas > _app_config(builds["base"]).target.replicas.max_replicas
+    gpu = app_config(builds["gpu"])
+    assert gpu.target.replicas.max_replicas > app_config(builds["base"]).target.replicas.max_replicas
 
 
 @pytest.mark.parametrize("name", BUILDS)
@@ -415,7 +294,7 @@ def test_redis_and_the_dashboard_stay_inside_the_cluster(builds, name):
     text = yaml.safe_dump(list(build.values()))
     assert "LoadBalancer" not in text and "NodePort" not in text and "Ingress" not in {d["kind"] for d in build.values()}
     services = [d for d in build.values() if d["kind"] == "Service"]
-    rs = _rayservice(build)["spec"]
+    rs = rayservice(build)["spec"]
     for svc in services + [rs["serveService"]]:
         assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", svc["metadata"]["name"]
     head = rs["rayClusterConfig"]["headGroupSpec"]
@@ -425,8 +304,8 @@ def test_redis_and_the_dashboard_stay_inside_the_cluster(builds, name):
 @pytest.mark.parametrize("name", BUILDS)
 def test_the_api_needs_a_bearer_token_from_a_secret(builds, name):
     build = builds[name]
-    assert _app_config(build).auth_token == "env:SPECSERVE_TOKEN"
-    rc = _rayservice(build)["spec"]["rayClusterConfig"]
+    assert app_config(build).auth_token == "env:SPECSERVE_TOKEN"
+    rc = rayservice(build)["spec"]["rayClusterConfig"]
     pods = [rc["headGroupSpec"]] + rc["workerGroupSpecs"]
     for pod in pods:  # the router may land on any Ray pod: every one carries the token
         for c in pod["template"]["spec"]["containers"]:
@@ -437,37 +316,13 @@ def test_the_api_needs_a_bearer_token_from_a_secret(builds, name):
 
 
 @pytest.mark.parametrize("name", BUILDS)
-def test_redis_persists_and_the_app_points_at_it(builds, name):
-    build = builds[name]
-    sts = build["StatefulSet/specserve-redis"]
-    (c,) = sts["spec"]["template"]["spec"]["containers"]
-    assert c["args"][c["args"].index("--appendonly") + 1] == "yes"
-    assert c["args"][c["args"].index("--dir") + 1] == "/data"
-    (claim,) = sts["spec"]["volumeClaimTemplates"]
-    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in c["volumeMounts"]
-    assert build[f"Service/{sts['spec']['serviceName']}"]["spec"]["clusterIP"] == "None"
-    url = _app_config(build).redis_url
-    m = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/\d+", url or "")
-    assert m, url
-    svc = build[f"Service/{m.group(1)}"]["spec"]
-    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
-    assert svc["selector"].items() <= pod_labels.items() and int(m.group(2)) in [p["port"] for p in svc["ports"]]
-    # the NetworkPolicy admits every Ray pod
-    policy = build["NetworkPolicy/specserve-redis"]["spec"]
-    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
-    admitted = policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
-    cluster = _rayservice(build)["spec"]["rayClusterConfig"]
-    for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
-        assert admitted.items() <= g["template"]["metadata"]["labels"].items()
-
-
-@pytest.mark.parametrize("name", BUILDS)
 def test_autoscaling_upgrades_readiness_and_ports(builds, name):
-    rs = _rayservice(builds[name])["spec"]
+    rs = rayservice(builds[name])["spec"]
     cluster = rs["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert cluster["autoscalerOptions"]["version"] == "v2"
     assert rs["upgradeStrategy"]["type"] == "NewCluster"
-    serve = _serve_config(builds[name])
+    serve = serve_config(builds[name])
     want = {"serve": serve["http_options"]["port"], "serve-grpc": serve["grpc_options"]["port"]}
     assert want["serve-grpc"] == 9000
     for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
@@ -480,22 +335,3 @@ def test_autoscaling_upgrades_readiness_and_ports(builds, name):
         assert c["resources"]["requests"] == c["resources"]["limits"]
     svc_ports = {p["name"]: p for p in rs["serveService"]["spec"]["ports"]}
     assert svc_ports["serve-grpc"]["port"] == 9000 and svc_ports["serve-grpc"]["appProtocol"] == "kubernetes.io/h2c"
-
-
-def test_image_ray_and_package_versions_agree(builds):
-    import tomllib
-
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    tags = {"base": "gpu", "gpu": "gpu", "cpu-demo": "cpu"}
-    for name, build in builds.items():
-        cluster = _rayservice(build)["spec"]["rayClusterConfig"]
-        ray_version = cluster["rayVersion"]
-        assert f"ARG RAY_VERSION={ray_version}\n" in dockerfile
-        assert "ARG RAY_IMAGE=rayproject/ray:${RAY_VERSION}-py311-gpu" in dockerfile
-        assert f"rayproject/ray:{ray_version}-py311 " in dockerfile  # the CPU build line
-        for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
-            image = g["template"]["spec"]["containers"][0]["image"]
-            assert image.endswith(f"specserve:{version}-{tags[name]}"), (name, image)
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert not {"specserve", "deployments", "pyproject.toml", "README.md"} & set(ignored)
