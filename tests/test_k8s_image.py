@@ -127,3 +127,17 @@ def test_image_tags_and_ray_version_agree_with_the_manifests(steps):
         for spec in pods:
             for c in spec["containers"] + spec.get("initContainers", []):
                 assert c["image"].endswith(f"specserve:{version}-{tag}"), (name, c["image"])
+
+
+def test_the_python_the_dockerfile_runs_imports_what_exists():
+    """`python -c` snippets in RUN steps name real modules and attributes (a moved module fails here,
+    not in a user's docker build)."""
+    import importlib
+
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    found = re.findall(r"from ([\w.]+) import ([\w, ]+?)(?: as \w+)?;", text)
+    assert found, "the Dockerfile's python snippets were not found: update this test"
+    for module, names in found:
+        mod = importlib.import_module(module)
+        for name in names.split(","):
+            assert hasattr(mod, name.strip()), f"Dockerfile: {module} has no {name.strip()}"
