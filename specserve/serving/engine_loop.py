@@ -1,0 +1,166 @@
+"""A target replica's engine loop: one thread steps the batching engine, requests stream back.
+
+    loop = EngineLoop(engine)                # starts the loop thread
+    async for chunk in loop.stream(request): # from any asyncio event loop
+        ...
+    loop.close()
+
+Requests enter as `add` (through a thread-safe inbox the loop drains between rounds, so the
+engine is only ever touched by its own thread) and their chunks come back through a per-request
+asyncio queue. A consumer that stops early (a cancelled or disconnected client) aborts its
+request: the engine frees the slot at the next round boundary. A request the engine refuses
+(a bad prompt, a full queue) raises from `stream` before any chunk.
+
+This module knows threads and asyncio; it does not know Ray, gRPC, sessions or the public API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from ..engine.engine import Engine
+from ..engine.sequence import Request
+from ..engine.speculative import Chunk, Stats
+
+__all__ = ["EngineLoop", "Finished"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Finished:
+    """The last item of a request's stream: its stats (the final Chunk came just before)."""
+
+    stats: Stats
+
+
+class _Waiter:
+    """Where one request's chunks go: an asyncio queue on the event loop that asked."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.seq = None  # the engine's Sequence once admitted (its stats outlive the engine's record)
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class EngineLoop:
+    """Owns an `Engine` and the one thread that steps it."""
+
+    def __init__(self, engine: Engine, idle_s: float = 0.5):
+        self.engine = engine
+        self._inbox: collections.deque = collections.deque()  # ("add", Request, _Waiter) | ("abort", id)
+        self._waiters: dict[str, _Waiter] = {}
+        self._wake = threading.Event()
+        self._closed = False
+        self._idle_s = idle_s
+        self.rounds = 0
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ any thread
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        """Requests admitted or waiting, as the loop last saw them."""
+        return len(self._waiters)
+
+    # ------------------------------------------------------------------ the event loop's side
+
+    async def stream(self, request: Request) -> AsyncIterator[Chunk | Finished]:
+        """The request's chunks (one per round), then `Finished(stats)`. Raises what `Engine.add` raises."""
+        if self._closed:
+            raise RuntimeError("the engine loop is closed")
+        waiter = _Waiter(asyncio.get_running_loop())
+        self._inbox.append(("add", request, waiter))
+        self._wake.set()
+        rid, done = None, False
+        try:
+            rid = await waiter.queue.get()  # the id, or the exception add raised
+            if isinstance(rid, BaseException):
+                raise rid
+            while True:
+                item = await waiter.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Finished):
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            if rid is not None and not isinstance(rid, BaseException) and not done:
+                self.abort(rid)  # the consumer went away: free the slot at the next round
+
+    # ------------------------------------------------------------------ the loop thread
+
+    def _drain(self) -> None:
+        while self._inbox:
+            msg = self._inbox.popleft()
+            if msg[0] == "abort":
+                self.engine.abort(msg[1])
+                continue
+            _, request, waiter = msg
+            try:
+                rid = self.engine.add(request)
+            except Exception as e:  # a bad request or a full queue: its caller raises it
+                waiter.put(e)
+                continue
+            waiter.seq = self.engine.seqs[rid]
+            self._waiters[rid] = waiter
+            waiter.put(rid)
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._drain()
+            if not self.engine.has_work():
+                self._wake.wait(self._idle_s)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a bug or a failed forward: every request in flight fails with it
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            self.rounds += 1
+            for rid, chunk in events:
+                self._deliver(rid, chunk)
+        self._fail_all(RuntimeError("the engine loop was closed"))
+
+    def _deliver(self, rid: str, chunk: Chunk) -> None:
+        waiter = self._waiters.get(rid)
+        if waiter is None:
+            return
+        if chunk.finish_reason != "abort":
+            waiter.put(chunk)
+        if chunk.finish_reason:
+            waiter.put(Finished(waiter.seq.stats))
+            del self._waiters[rid]
+
+    def _fail_all(self, e: BaseException) -> None:
+        for rid in list(self._waiters):
+            self.engine.abort(rid)
+            self._waiters.pop(rid).put(e)
+        t_end = time.monotonic() + 5
+        while self.engine.has_work() and time.monotonic() < t_end:  # let the aborts free the slots
+            try:
+                self.engine.step()
+            except Exception:
+                break

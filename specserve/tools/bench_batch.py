@@ -1,0 +1,166 @@
+"""`specserve bench --concurrency 1,8`: the modes at each concurrency level through the batching engine.
+
+At level C the prompts go through ONE `Engine` (the one a target replica runs) C at a time: C
+requests are admitted, and each one that finishes is replaced by the next prompt until all ran.
+Per `mode@C` the summary has:
+  aggregate_tokens_per_s  all new tokens / the wall time of that mode and level
+  tokens_per_s_median     per request (its new tokens / its time from admission to its last chunk)
+  acceptance_rate, mean_k (drafts per row and round), mean_batch (rows per round)
+  mismatches              greedy: every sequence against `ar@1`, with the first diverging position
+                          and the target's top-2 logit gap there (a near-tie explains a flip)
+hf-assisted cannot batch: at C > 1 its requests run one after another (`sequential: true`).
+
+This module knows the engine, prompts and clocks; it does not know servers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..engine.engine import Engine
+from ..engine.lm import LM
+from ..engine.sampling import SamplingParams
+from ..engine.sequence import Request, SpeculationParams
+
+__all__ = ["BATCH_MODES", "run_levels", "logit_gap", "format_levels"]
+
+BATCH_MODES = ("ar", "sd", "hf-assisted")
+
+
+def _first_diff(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.inference_mode()
+def logit_gap(target: LM, prompt_ids: list[int], out_ids: list[int], at: int) -> float:
+    """The target's top-1 minus top-2 logit at output position `at` (teacher-forced on `out_ids`)."""
+    x = torch.tensor([prompt_ids + out_ids[:at]], device=target.model.device)
+    logits = target.model(input_ids=x).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return round(float(top[0] - top[1]), 6)
+
+
+def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: SamplingParams,
+               k: int | None, seed: int) -> tuple[list[dict], float, dict]:
+    """All prompts through the engine, C at a time; returns (records, wall seconds, engine stats delta)."""
+    before = dict(vars(engine.stats))
+    pending = list(enumerate(encoded))
+    live: dict[str, tuple] = {}
+    records: list[dict] = []
+    t0 = time.perf_counter()
+    while pending or live:
+        while pending and len(live) < C:
+            i, (p, ids) = pending.pop(0)
+            rid = engine.add(Request(ids, max_new, sp, seed + i, spec=SpeculationParams(mode, k)))
+            live[rid] = (p, engine.seqs[rid], [])
+        for rid, chunk in engine.step():
+            p, seq, toks = live[rid]
+            toks += chunk.token_ids
+            if chunk.finish_reason:
+                st = seq.stats
+                records.append({"prompt_id": p.id, "mode": f"{mode}@{C}", "prompt_tokens": st.prompt_tokens,
+                                "new_tokens": st.new_tokens, "elapsed_s": st.elapsed_s, "rounds": st.rounds,
+                                "draft_tokens": st.draft_tokens, "accepted_tokens": st.accepted_tokens,
+                                "tokens_per_s": st.new_tokens / st.elapsed_s if st.elapsed_s > 0 else 0.0,
+                                "token_ids": toks})
+                del live[rid]
+    wall = time.perf_counter() - t0
+    delta = {key: v - before[key] for key, v in vars(engine.stats).items()}
+    return records, wall, delta
+
+
+def _run_hf_sequential(target, draft, encoded, C, max_new, sp, seed) -> tuple[list[dict], float, dict]:
+    from .bench import run_one
+
+    records, t0 = [], time.perf_counter()
+    for i, (p, ids) in enumerate(encoded):
+        r = run_one("hf-assisted", target, draft, ids, max_new, sp, seed=seed + i)
+        records.append({"prompt_id": p.id, "mode": f"hf-assisted@{C}", "prompt_tokens": len(ids),
+                        "new_tokens": r.new_tokens, "elapsed_s": r.elapsed_s, "rounds": 0, "draft_tokens": 0,
+                        "accepted_tokens": 0, "tokens_per_s": r.tokens_per_s, "token_ids": r.token_ids})
+    return records, time.perf_counter() - t0, {}
+
+
+def run_levels(target: LM, draft: LM | None, encoded, modes: list[str], levels: list[int], max_new: int,
+               sampling: SamplingParams | None = None, k: int | None = None, seed: int = 0,
+               engine: Engine | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Every mode at every level; returns (summary {"mode@C": {...}}, records)."""
+    from tqdm import tqdm
+
+    sp = sampling or SamplingParams()
+    bad = [m for m in modes if m not in BATCH_MODES]
+    if bad:
+        raise ValueError(f"--modes: {', '.join(bad)} cannot run with --concurrency yet (batched: "
+                         f"{', '.join(BATCH_MODES)}); ssd at batch is not built")
+    if any(c < 1 for c in levels):
+        raise ValueError(f"--concurrency: levels must be >= 1, got {levels}")
+    if sp.greedy:  # ar@1 is the reference of the exactness check
+        modes = modes if "ar" in modes else ["ar", *modes]
+        levels = sorted(set(levels) | {1})
+    engine = engine or Engine(target, draft, max_num_seqs=max(levels),
+                              max_model_len=max(len(ids) for _, ids in encoded) + max_new + 1)
+    summary, records = {}, []
+    runs = [(m, c) for c in sorted(levels) for m in modes]
+    for m, c in tqdm(runs, desc="bench --concurrency", unit="level", disable=not progress):
+        if m == "hf-assisted":
+            recs, wall, delta = _run_hf_sequential(target, draft, encoded, c, max_new, sp, seed)
+        else:
+            recs, wall, delta = _run_level(engine, encoded, m, c, max_new, sp, k, seed)
+        summary[f"{m}@{c}"] = _summarize(recs, wall, delta, sequential=m == "hf-assisted" and c > 1)
+        records += recs
+    if sp.greedy:
+        _check(summary, records, target, dict((p.id, ids) for p, ids in encoded))
+    return summary, records
+
+
+def _summarize(recs: list[dict], wall: float, delta: dict, sequential: bool) -> dict:
+    new = sum(r["new_tokens"] for r in recs)
+    d = {"prompts": len(recs), "new_tokens": new, "wall_s": round(wall, 3),
+         "aggregate_tokens_per_s": round(new / wall, 3) if wall > 0 else 0.0,
+         "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in recs), 3) if recs else 0.0}
+    drafted = sum(r["draft_tokens"] for r in recs)
+    d["acceptance_rate"] = round(sum(r["accepted_tokens"] for r in recs) / drafted, 4) if drafted else None
+    if delta.get("rounds"):
+        d["mean_batch"] = round(delta["row_rounds"] / delta["rounds"], 3)
+        d["mean_k"] = round(delta["draft_tokens"] / delta["row_rounds"], 3)
+    if sequential:
+        d["sequential"] = True  # hf-assisted cannot batch: one request after another
+    return d
+
+
+def _check(summary: dict, records: list[dict], target: LM, prompts: dict[str, list[int]]) -> None:
+    ref = {r["prompt_id"]: r["token_ids"] for r in records if r["mode"] == "ar@1"}
+    for key, d in summary.items():
+        if key == "ar@1":
+            continue
+        bad = []
+        for r in (x for x in records if x["mode"] == key):
+            at = _first_diff(r["token_ids"], ref[r["prompt_id"]])
+            if at is not None:
+                gap = logit_gap(target, prompts[r["prompt_id"]], ref[r["prompt_id"]], at)
+                bad.append({"prompt_id": r["prompt_id"], "at": at, "top2_logit_gap": gap})
+        d["mismatches"] = len(bad)
+        d["mismatch_detail"] = bad
+
+
+def format_levels(summary: dict) -> str:
+    """A markdown table of the `mode@C` entries, with each level's ratio to ar at the same level."""
+    rows = ["| mode@C | aggregate tok/s | vs ar@C | vs ar@1 | tok/s per request (median) | acceptance | mean k "
+            "| mean batch | mismatches |", "|---|---|---|---|---|---|---|---|---|"]
+    ar1 = summary.get("ar@1", {}).get("aggregate_tokens_per_s")
+    for key, d in summary.items():
+        c = key.split("@")[1]
+        arc = summary.get(f"ar@{c}", {}).get("aggregate_tokens_per_s")
+        agg = d["aggregate_tokens_per_s"]
+        acc = d.get("acceptance_rate")
+        rows.append(f"| {key}{' (sequential)' if d.get('sequential') else ''} | {agg:.2f} | "
+                    f"{agg / arc if arc else 0:.2f}x | {agg / ar1 if ar1 else 0:.2f}x | {d['tokens_per_s_median']:.2f} | "
+                    f"{'—' if acc is None else f'{acc:.2f}'} | {d.get('mean_k', '—')} | {d.get('mean_batch', '—')} | "
+                    f"{d.get('mismatches', '—')} |")
+    return "\n".join(rows)
