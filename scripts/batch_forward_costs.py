@@ -34,38 +34,42 @@ def build(small: bool):
     return model
 
 
-def med(fn, reps):
-    fn()  # warm-up
-    ts = []
+def interleaved(fns, reps):
+    """Time each fn `reps` times, alternating between them so that both see the same machine load;
+    return (median ms, min ms) per fn."""
+    for fn in fns:
+        fn()  # warm-up
+    ts = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1000
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            ts[i].append((time.perf_counter() - t0) * 1000)
+    return [(statistics.median(t), min(t)) for t in ts]
 
 
-def time_hf(model, ctx, B, T, reps):
+def hf_step(model, ctx, B, T):
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=ctx[None], cache=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(B)
-        x = torch.randint(0, model.config.vocab_size, (B, T))
+    x = torch.randint(0, model.config.vocab_size, (B, T))
 
-        def step():
-            model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=T)
-            cache.crop(-T)  # transformers>=5: negative = tokens to remove
-        return med(step, reps)
+    @torch.inference_mode()
+    def step():
+        model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=T)
+        cache.crop(-T)  # transformers>=5: negative = tokens to remove
+    return step
 
 
-def time_native(runner, slots, B, T, reps):
-    V = runner.model.config.vocab_size
-    x = torch.randint(0, V, (B * T,))
+def native_step(runner, slots, B, T, base=128):
+    x = torch.randint(0, runner.model.config.vocab_size, (B * T,))
 
     def step():
         runner.forward(slots[:B], x, [T] * B, [T] * B)
         for s in slots[:B]:
-            runner.cache.set_length(s, 128)
-    return med(step, reps)
+            runner.cache.set_length(s, base)
+    return step
 
 
 def main():
@@ -81,15 +85,15 @@ def main():
     slots = [runner.cache.alloc() for _ in range(9)]
     runner.forward(slots, ctx.repeat(9), [128] * 9, [1] * 9)  # a 128-token cache in every slot
     shapes = [(b, t) for b in (1, 4, 8) for t in (1, 3, 5)]
-    print("| threads | impl | " + " | ".join(f"{b}x{t}" for b, t in shapes) + " |")
-    print("|---|---|" + "---|" * len(shapes))
+    head = "| threads | impl | " + " | ".join(f"{b}x{t}" for b, t in shapes) + " |"
+    print(head + "\n|---|---|" + "---|" * len(shapes), flush=True)
     for th in [int(x) for x in a.threads.split(",")]:
         torch.set_num_threads(th)
-        nat = [time_native(runner, slots, b, t, a.reps) for b, t in shapes]
-        hf = [time_hf(model, ctx, b, t, a.reps) for b, t in shapes]
-        print(f"| {th} | native | " + " | ".join(f"{x:.0f}" for x in nat) + " |", flush=True)
-        print(f"| {th} | transformers | " + " | ".join(f"{x:.0f}" for x in hf) + " |", flush=True)
-    torch.set_num_threads(2)
+        res = [interleaved([native_step(runner, slots, b, t), hf_step(model, ctx, b, t)], a.reps) for b, t in shapes]
+        for i, name in enumerate(("native", "transformers")):
+            print(f"| {th} | {name} median (min) | " + " | ".join(f"{r[i][0]:.0f} ({r[i][1]:.0f})" for r in res) + " |",
+                  flush=True)
+    torch.set_num_threads(int(a.threads.split(",")[-1]))
     prompt = torch.randint(0, V, (300,))
 
     def prefill_alone():
@@ -101,10 +105,10 @@ def main():
         runner.forward(slots, torch.cat([torch.randint(0, V, (40,)), prompt]), [5] * 8 + [300], [5] * 8 + [1])
         for s in slots[:8]:
             runner.cache.set_length(s, 128)
-    alone, mixed = med(prefill_alone, a.reps), med(prefill_mixed, a.reps)
-    verify = time_native(runner, slots, 8, 5, a.reps)
-    print(f"\n2 threads, native: 300-token prefill alone {alone:.0f} ms; 8x5 verify alone {verify:.0f} ms; "
-          f"both in one forward {mixed:.0f} ms (vs {alone + verify:.0f} ms as two forwards)")
+    (alone, _), (verify, _), (mixed, _) = interleaved([prefill_alone, native_step(runner, slots, 8, 5), prefill_mixed],
+                                                      a.reps)
+    print(f"\n{th} threads, native, median: 300-token prefill alone {alone:.0f} ms; 8x5 verify alone {verify:.0f} ms; "
+          f"both in one forward {mixed:.0f} ms (vs {alone + verify:.0f} ms as two forwards)", flush=True)
 
 
 if __name__ == "__main__":

@@ -95,26 +95,43 @@ class NativeRunner(Runner):
         self.device = cache.device
 
     def _layout(self, slots, row_lens):
-        """Flat-token indices and the attention mask, built on the host, moved to the device."""
-        lens = torch.tensor([self.cache.length(s) for s in slots])  # [B]
-        rl = torch.tensor(row_lens)  # [B]
-        B, T = len(slots), max(row_lens)
-        row_of = torch.repeat_interleave(torch.arange(B), rl)  # [N] row of each flat token
-        start = torch.cumsum(rl, 0) - rl  # [B] flat offset of each row
-        t_of = torch.arange(int(rl.sum())) - start[row_of]  # [N] index within its row
-        pos = lens[row_of] + t_of  # [N] true position (cache length + i)
-        L = int((lens + rl).max())
-        cols = torch.arange(L)  # [L]
-        mask = cols[None, None, :] <= (lens[:, None, None] + torch.arange(T)[None, :, None])  # [B, T, L]
-        dev = self.device
-        return (torch.tensor(slots).to(dev), row_of.to(dev), t_of.to(dev), pos.to(dev),
-                torch.tensor(slots)[row_of].to(dev), mask[:, None].to(dev), B, T, L)
+        """Flat-token positions and attention groups, built on the host, moved to the device.
+
+        Rows are grouped by length (a new row starts a group when it is under half the group's
+        longest), so a 300-token prompt does not pad the 5-token verify rows to 300 queries.
+        Per group: (slots [G], flat index [n_g] of its tokens, row [n_g] and i [n_g] of each
+        token within the group, mask [G, 1, T_g, L_g] with column j visible iff j <= length + i).
+        """
+        lens = [self.cache.length(s) for s in slots]
+        starts = [sum(row_lens[:b]) for b in range(len(slots))]
+        pos = torch.cat([torch.arange(n) + ln for n, ln in zip(row_lens, lens)])  # [N] length + i
+        order = sorted(range(len(slots)), key=lambda b: -row_lens[b])
+        groups, cur = [], [order[0]]
+        for b in order[1:]:
+            if 2 * row_lens[b] < row_lens[cur[0]]:
+                groups.append(cur)
+                cur = []
+            cur.append(b)
+        groups.append(cur)
+        dev, out = self.device, []
+        for g in groups:
+            T = row_lens[g[0]]
+            L = max(lens[b] + row_lens[b] for b in g)
+            flat = torch.cat([torch.arange(starts[b], starts[b] + row_lens[b]) for b in g])  # [n_g]
+            row = torch.cat([torch.full((row_lens[b],), i) for i, b in enumerate(g)])  # [n_g]
+            t_in = torch.cat([torch.arange(row_lens[b]) for b in g])  # [n_g]
+            ln = torch.tensor([lens[b] for b in g])  # [G]
+            mask = torch.arange(L)[None, None, :] <= (ln[:, None, None] + torch.arange(T)[None, :, None])  # [G, T, L]
+            out.append((torch.tensor([slots[b] for b in g]).to(dev), flat.to(dev), row.to(dev), t_in.to(dev),
+                        mask[:, None].to(dev), len(g), T, L))
+        slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(row_lens))  # [N]
+        return pos.to(dev), slot_of.to(dev), out
 
     @torch.inference_mode()
     def forward(self, slots, tokens, row_lens, keep):
         koff = self._check(self.cache, slots, row_lens, keep)
-        slot_t, row_of, t_of, pos, slot_of, mask, B, T, L = self._layout(slots, row_lens)
-        N, H, Hkv, D = len(row_of), self.heads, self.kv_heads, self.head_dim
+        pos, slot_of, groups = self._layout(slots, row_lens)
+        N, H, Hkv, D = len(pos), self.heads, self.kv_heads, self.head_dim
         tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)  # [N]
         h = self.inner.embed_tokens(tokens)[None]  # [1, N, hidden]
         cos, sin = self.inner.rotary_emb(h, pos[None])  # [1, N, D] each
@@ -128,13 +145,15 @@ class NativeRunner(Runner):
             q = q * cos + _rotate_half(q) * sin  # [N, H, D]
             k = k * cos + _rotate_half(k) * sin  # [N, Hkv, D]
             self.cache.write(i, slot_of, pos, k, v)
-            K, V = self.cache.read(i, slot_t, L)  # [B, Hkv, L, D] each
-            qp = q.new_zeros(B, T, H, D)
-            qp[row_of, t_of] = q
-            o = F.scaled_dot_product_attention(qp.transpose(1, 2), K, V, attn_mask=mask,
-                                               scale=attn.scaling, enable_gqa=H != Hkv)  # [B, H, T, D]
-            o = o.transpose(1, 2)[row_of, t_of].reshape(1, N, H * D)  # [1, N, H*D]
-            h = h + attn.o_proj(o)
+            o = q if len(groups) == 1 else torch.empty_like(q)  # [N, H, D]
+            for slot_t, flat, row, t_in, mask, G, T, L in groups:
+                K, V = self.cache.read(i, slot_t, L)  # [G, Hkv, L, D] each
+                qp = q.new_zeros(G, T, H, D)
+                qp[row, t_in] = q[flat]
+                og = F.scaled_dot_product_attention(qp.transpose(1, 2), K, V, attn_mask=mask,
+                                                    scale=attn.scaling, enable_gqa=H != Hkv)  # [G, H, T, D]
+                o[flat] = og.transpose(1, 2)[row, t_in]  # [n_g, H, D]
+            h = h + attn.o_proj(o.reshape(1, N, H * D))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         for s, n in zip(slots, row_lens):
             self.cache.set_length(s, self.cache.length(s) + n)

@@ -52,7 +52,7 @@ class LinearCost:
     pseudo-observations (at 1 and `span` tokens) of weight `prior_weight` that do not decay.
     """
 
-    def __init__(self, c0: float, c1: float, span: int = 40, prior_weight: float = 1.0, decay: float = 0.97):
+    def __init__(self, c0: float, c1: float, span: int = 40, prior_weight: float = 0.2, decay: float = 0.97):
         self.decay = decay
         self._prior = [(1.0, c0 + c1, prior_weight), (float(span), c0 + c1 * span, prior_weight)]
         self._s = [0.0] * 5  # decayed sums of w, w*x, w*y, w*x*x, w*x*y
