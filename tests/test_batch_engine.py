@@ -105,13 +105,32 @@ def test_abort_mid_batch_frees_the_slot_and_the_others_stay_exact(tiny, prompts,
             if chunk.finish_reason:
                 reasons[rid] = chunk.finish_reason
         if rnd == 3:
-            assert reasons[ids[1]] == "abort" and late in eng.scheduler.running[-1].id
+            assert reasons[ids[1]] == "abort" and eng.scheduler.running[-1].id == late
         if not eng.has_work():
             break
     assert reasons == {ids[0]: "length", ids[1]: "abort", ids[2]: "length", late: "length"}
     assert got[ids[0]] == refs[0] and got[ids[2]] == refs[2] and got[late] == refs[3]
     assert got[ids[1]] == refs[1][: len(got[ids[1]])] and len(got[ids[1]]) < N_NEW
     assert eng.trun.cache.num_free == 3 and eng.drun.cache.num_free == 3 and not eng.seqs
+
+
+def test_k_0_skips_the_draft_and_the_draft_catches_up_when_speculation_resumes(tiny, prompts, refs):
+    from specserve.engine.scheduler import CostModel, LinearCost
+
+    costly = CostModel(LinearCost(1.0, 0.0), LinearCost(5.0, 0.0))  # drafting never pays
+    eng = engine(tiny, "draft-same", cost=costly, k_init=0)
+    ids = [eng.add(Request(p, N_NEW, spec=spec("sd"))) for p in prompts[:3]]
+    got = {i: [] for i in ids}
+    for _ in range(6):
+        for rid, chunk in eng.step():
+            got[rid].extend(chunk.token_ids)
+    assert eng.stats.draft_tokens == 0 and all(eng.drun.cache.length(eng.seqs[i].slot) == 0 for i in ids)
+    eng.policy.cost = CostModel(LinearCost(1.0, 0.0), LinearCost(0.01, 0.0))  # now it is nearly free
+    while eng.has_work():
+        for rid, chunk in eng.step():
+            got[rid].extend(chunk.token_ids)
+    assert [got[i] for i in ids] == refs[:3]
+    assert eng.policy.k > 0 and eng.stats.draft_tokens > 0 and eng.stats.accepted_tokens == eng.stats.draft_tokens
 
 
 def test_slot_cache_does_not_grow_over_200_requests(tiny):
