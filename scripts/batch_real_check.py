@@ -52,8 +52,13 @@ def main():
             for p in prompts]
     ar1 = sum(map(len, refs)) / (time.perf_counter() - t0)
     print(f"ar@1 via generate(): {ar1:.2f} tok/s", flush=True)
-    for mode in ("ar", "sd"):
-        eng = Engine(target, draft if mode == "sd" else None, max_num_seqs=a.n, max_model_len=512)
+    for mode, conc in (("ar", a.n), ("sd", a.n), ("sd", 1)):
+        eng = Engine(target, draft if mode == "sd" else None, max_num_seqs=conc, max_model_len=512)
+        cost = eng.policy.cost
+        print("probed costs (c0 s, c1 s/token): target", cost.target.coefficients(),
+              "draft", cost.draft.coefficients() if cost.draft else None, flush=True)
+        if conc == 1:  # batch 1 in sd: the first two prompts only (time)
+            prompts, refs = prompts[:2], refs[:2]
         t0 = time.perf_counter()
         res = run_to_completion(eng, [Request(p, a.tokens, spec=SpeculationParams(mode)) for p in prompts])
         wall = time.perf_counter() - t0
@@ -64,7 +69,7 @@ def main():
                 i = next((j for j, (x, y) in enumerate(zip(o, r)) if x != y), min(len(o), len(r)))
                 bad.append((i, round(top2_gap(target, p + r[:i]), 5)))
         st = eng.stats.to_dict(eng)
-        print(f"{mode}@{a.n}: {sum(map(len, outs)) / wall:.2f} tok/s aggregate, mean_batch {st['mean_batch']}, "
+        print(f"{mode}@{conc}: {sum(map(len, outs)) / wall:.2f} tok/s aggregate, mean_batch {st['mean_batch']}, "
               f"mean_k {st['mean_k']}, acceptance {st['acceptance_rate']}, mismatches {len(bad)} "
               f"(first position, top-2 gap) {bad}", flush=True)
 

@@ -245,16 +245,19 @@ class Engine:
                 for s in slots:
                     run.cache.free(s)
 
-        def fit(run, small, big):
+        def fit(run, shapes):
             timed(run, 1, 1)  # warm-up
-            a, b = timed(run, *small), timed(run, *big)
-            na, nb = small[0] * small[1], big[0] * big[1]
+            pts = [(r * t, timed(run, r, t)) for r, t in shapes]  # (flat tokens, seconds)
+            (na, a), (nb, b) = pts[0], pts[-1]
             c1 = max((b - a) / (nb - na), 0.0) if nb > na else 0.0
-            return LinearCost(max(a - c1 * na, 1e-6), c1, span=nb, prior_weight=2.0)
+            cost = LinearCost(max(a - c1 * na, 1e-6), c1, span=max(nb, 2))
+            for n, sec in pts:  # the probe's points outweigh the two-point prior
+                cost.observe(n, sec)
+            return cost
 
         rows = self.trun.cache.slots
-        tgt = fit(self.trun, (1, 1), (rows, 5))
-        drf = fit(self.drun, (1, 1), (rows, 1)) if self.drun is not None else None
+        tgt = fit(self.trun, sorted({(1, 1), (1, 3), (rows, 1), (rows, 3), (rows, 5)}, key=lambda x: x[0] * x[1]))
+        drf = fit(self.drun, sorted({(1, 1), (max(rows // 2, 1), 1), (rows, 1)})) if self.drun is not None else None
         return CostModel(tgt, drf)
 
 
