@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", default="ar@8,sd@8,sd@1", help="mode@concurrency, comma-separated")
     a = ap.parse_args()
     target = load_model("qwen2.5-coder-1.5b", dtype="float32", threads=a.threads)
     draft = load_model("qwen2.5-coder-0.5b", dtype="float32", quantize="int8", tokenizer=False)
@@ -52,12 +53,13 @@ def main():
             for p in prompts]
     ar1 = sum(map(len, refs)) / (time.perf_counter() - t0)
     print(f"ar@1 via generate(): {ar1:.2f} tok/s", flush=True)
-    for mode, conc in (("ar", a.n), ("sd", a.n), ("sd", 1)):
+    for mode, conc in [(r.split("@")[0], int(r.split("@")[1])) for r in a.runs.split(",")]:
         eng = Engine(target, draft if mode == "sd" else None, max_num_seqs=conc, max_model_len=512)
         cost = eng.policy.cost
-        print("probed costs (c0 s, c1 s/token): target", cost.target.coefficients(),
-              "draft", cost.draft.coefficients() if cost.draft else None, flush=True)
-        if conc == 1:  # batch 1 in sd: the first two prompts only (time)
+        print("probed costs {tokens: s}: target", {n: round(t, 3) for n, t in sorted(cost.target.points.items())},
+              "draft", {n: round(t, 3) for n, t in sorted(cost.draft.points.items())} if cost.draft else None,
+              flush=True)
+        if conc == 1:  # batch 1: the first two prompts only (time)
             prompts, refs = prompts[:2], refs[:2]
         t0 = time.perf_counter()
         res = run_to_completion(eng, [Request(p, a.tokens, spec=SpeculationParams(mode)) for p in prompts])

@@ -110,3 +110,22 @@ def test_acceptance_is_smoothed_per_sequence():
     assert x.acceptance < 0.1
     x.observe_acceptance(0, 0)  # a round without drafts says nothing
     assert x.acceptance < 0.1
+
+
+def test_measured_cost_keeps_the_flat_start_a_line_would_lose():
+    from specserve.engine.scheduler import MeasuredCost
+
+    c = MeasuredCost(LinearCost(1.0, 0.1))
+    assert c.predict(5) == pytest.approx(1.5)  # no points yet: the prior
+    for n, sec in ((1, 0.458), (3, 0.447), (5, 0.519), (8, 0.649), (24, 1.314), (40, 2.041)):  # 1.5B, 2 threads
+        c.set_point(n, sec)
+    assert c.predict(4) == pytest.approx((0.447 + 0.519) / 2)
+    assert c.predict(16) == pytest.approx((0.649 + 1.314) / 2)
+    assert c.predict(56) > 2.041 and c.predict(0) == pytest.approx(0.458)
+    line = LinearCost(1.0, 0.1)
+    for n, sec in ((1, 0.458), (3, 0.447), (5, 0.519), (8, 0.649), (24, 1.314), (40, 2.041)):
+        line.observe(n, sec)
+    assert abs(line.predict(1) - 0.458) > 0.05  # a straight line misprices the flat start by > 10%
+    assert KPolicy(CostModel(c, LinearCost(0.066, 0.0))).choose([(0.86, None)]) >= 3  # batch 1 speculates
+    c.observe(4, 1.0)  # a round's timing moves the curve by an EMA step, not all the way
+    assert 0.483 < c.predict(4) < 0.6

@@ -33,7 +33,7 @@ import torch
 from .models import LM, check_pair
 from .runner import make_runner
 from .sampling import batched_rejection_sample, warp_rows
-from .scheduler import CostModel, KPolicy, LinearCost, Scheduler
+from .scheduler import CostModel, KPolicy, LinearCost, MeasuredCost, Scheduler
 from .sequence import Request, Sequence
 from .speculative import Chunk
 
@@ -250,9 +250,9 @@ class Engine:
             pts = [(r * t, timed(run, r, t)) for r, t in shapes]  # (flat tokens, seconds)
             (na, a), (nb, b) = pts[0], pts[-1]
             c1 = max((b - a) / (nb - na), 0.0) if nb > na else 0.0
-            cost = LinearCost(max(a - c1 * na, 1e-6), c1, span=max(nb, 2))
-            for n, sec in pts:  # the probe's points outweigh the two-point prior
-                cost.observe(n, sec)
+            cost = MeasuredCost(LinearCost(max(a - c1 * na, 1e-6), c1, span=max(nb, 2)))
+            for n, sec in pts:  # measured points; rounds move them and add more as they run
+                cost.set_point(n, sec)
             return cost
 
         rows = self.trun.cache.slots
