@@ -58,6 +58,8 @@ def test_every_row_of_a_batch_equals_its_batch_1_run(tiny, prompts, refs, mode, 
     solo = [run_to_completion(engine(tiny, draft, slots=1), [Request(p, N_NEW, spec=spec(mode, k))])
             for p in prompts[:2]]
     assert [next(iter(r.values()))[0] for r in solo] == refs[:2]
+    st = next(iter(res.values()))[2].stats
+    assert st.rounds >= 1 and st.new_tokens == N_NEW and st.verify_s > 0 and 0 < st.ttft_s <= st.elapsed_s + 1e-3
     if draft == "draft-same" and k is not None:
         assert all(s.stats.acceptance_rate == 1.0 for _, _, s in res.values())
         assert eng.stats.accepted_tokens == eng.stats.draft_tokens > 0

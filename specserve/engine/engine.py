@@ -144,6 +144,8 @@ class Engine:
             self.trun.cache.set_length(s.slot, committed)
             if self.drun is not None:
                 self.drun.cache.set_length(s.slot, min(self.drun.cache.length(s.slot), committed))
+            s.stats.verify_s += t2 - t1  # each row waits for the whole round
+            s.stats.draft_wait_s += t1 - t0
             events.append((s.id, s.commit(o[:nb], o[nb], drafted=k)))
         for s in self.scheduler.update_from_output(rows, n, kd):
             self._release(s)

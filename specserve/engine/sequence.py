@@ -89,7 +89,7 @@ class Sequence:
         # speculation state the scheduler reads: geometric acceptance, smoothed (pseudo-counts)
         self.acc_hits, self.acc_tries = acceptance_prior * 4, 4.0
         self.t_added = time.perf_counter()
-        self.t_start: float | None = None
+        self.t_start: float | None = None  # admission (slot taken); t_start - t_added = queue wait
 
     @property
     def new_tokens(self) -> int:
@@ -144,8 +144,7 @@ class Sequence:
         st.drafted_per_round.append(drafted)
         self.ids += new
         st.new_tokens = self.new_tokens
-        start = self.t_start if self.t_start is not None else self.t_added
-        st.elapsed_s = now - start
+        st.elapsed_s = now - self.t_added  # from arrival: queueing counts, as a client sees it
         if st.rounds == 1:
             st.ttft_s = now - self.t_added
         if finish:
