@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SamplingParams", "warp", "sample", "rejection_sample"]
+__all__ = ["SamplingParams", "warp", "sample", "rejection_sample", "warp_rows", "batched_rejection_sample",
+           "PLACEHOLDER"]
 
 
 class SamplingParams:
@@ -113,3 +114,95 @@ def rejection_sample(
     if total <= 0:  # p == q up to rounding: any draw from p is correct
         return n, sample(target_probs[n], generator)
     return n, sample(residual / total, generator)  # recovered
+
+
+# ---- batched: many sequences per call (continuous batching) ------------------------------------
+
+PLACEHOLDER = -1  # output_ids entry after a row's last committed token (its rejected tail)
+
+
+def warp_rows(logits: torch.Tensor, params: list[SamplingParams], counts: list[int]) -> torch.Tensor:
+    """Warp logits [M, V] whose rows belong to sequences: sequence b owns counts[b] consecutive rows
+    and warps them with params[b]. Rows with equal params are warped in one call. Returns [M, V]."""
+    assert sum(counts) == logits.shape[0], f"counts sum to {sum(counts)}, logits have {logits.shape[0]} rows"
+    groups: dict[tuple, list[int]] = {}
+    start = 0
+    for sp, c in zip(params, counts):
+        groups.setdefault((sp.temperature, sp.top_k, sp.top_p), []).extend(range(start, start + c))
+        start += c
+    if len(groups) == 1:
+        return warp(logits, *next(iter(groups)))
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # [M, V]
+    for key, rows in groups.items():
+        idx = torch.tensor(rows, device=logits.device)
+        out[idx] = warp(logits[idx], *key)
+    return out
+
+
+def batched_rejection_sample(
+    draft_ids: torch.Tensor,
+    num_drafts: list[int],
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    generators: list[torch.Generator | None],
+    greedy: list[bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rejection_sample` for B sequences at once, with ragged draft lengths.
+
+    draft_ids    [N] long       the rows' drafts back to back; row b has num_drafts[b] = k_b (may be 0).
+    draft_probs  [N, V] | None  q of each draft token; None = point masses (greedy or n-gram drafts).
+    target_probs [N + B, V]     row b's k_b + 1 target rows back to back (the last is the bonus position).
+    generators   [B]            row b's draws use generators[b] only, so a seeded sequence gets the
+                                same tokens whatever its companions.
+    greedy       [B] | None     rows whose target probs are one-hot: no random number is drawn.
+
+    Returns (n_accepted [B], next_token [B], output_ids [B, max_k + 1]); output_ids[b] is
+    d_1..d_n, the recovered or bonus token, then PLACEHOLDER. Everything stays on target_probs'
+    device and nothing is read back to the host (the caller reads the outputs once).
+    Row by row this equals rejection_sample given the same generator state, with one difference
+    in generator use only: a non-greedy row whose final distribution is a point mass draws one
+    multinomial sample (rejection_sample skips it; the token is the same).
+    """
+    B, dev = len(num_drafts), target_probs.device
+    greedy = greedy or [False] * B
+    assert target_probs.shape[0] == sum(num_drafts) + B, "target_probs needs k_b + 1 rows per sequence"
+    kt = torch.tensor(num_drafts, dtype=torch.long)  # [B] (host)
+    K, N = (int(kt.max()) if B else 0), int(kt.sum())
+    d_off = torch.cumsum(kt, 0) - kt  # [B] first draft of each row
+    t_off = d_off + torch.arange(B)  # [B] first target row of each row
+    row_of = torch.repeat_interleave(torch.arange(B), kt)  # [N]
+    j_of = torch.arange(N) - d_off[row_of]  # [N] draft index within its row
+    t_row = (t_off[row_of] + j_of).to(dev)  # [N] target row of each draft
+    draft_ids = draft_ids.to(dev)
+    flat = torch.arange(N, device=dev)
+    p = target_probs[t_row, draft_ids]  # [N]
+    q = torch.ones(N, device=dev) if draft_probs is None else draft_probs[flat, draft_ids].float()  # [N]
+    u = [torch.zeros(k, device=dev) if g_b else torch.rand(k, generator=gen, device=dev)
+         for k, gen, g_b in zip(num_drafts, generators, greedy) if k]
+    u = torch.cat(u) if u else torch.empty(0, device=dev)  # [N]
+    ok = torch.zeros(B, K, dtype=torch.long, device=dev)  # [B, K], 0 past each row's k_b
+    ok[row_of.to(dev), j_of.to(dev)] = (u * q < p).long()
+    n = ok.cumprod(1).sum(1) if K else torch.zeros(B, dtype=torch.long, device=dev)  # [B] accepted
+    kd, rows = kt.to(dev), torch.arange(B, device=dev)
+    base = target_probs[t_off.to(dev) + n]  # [B, V] p at the first rejected (or bonus) position
+    rejected = n < kd  # [B]
+    at = (d_off.to(dev) + torch.minimum(n, (kd - 1).clamp(min=0))).clamp(max=max(N - 1, 0))  # [B]
+    residual = base.clone()  # [B, V]
+    if N:
+        if draft_probs is None:
+            residual[rows, draft_ids[at]] = 0.0  # p - one_hot(d), clipped at 0
+        else:
+            residual = (residual - draft_probs[at].float()).clamp_(min=0.0)
+    total = residual.sum(-1, keepdim=True)  # [B, 1]
+    use_res = rejected[:, None] & (total > 0)  # [B, 1] p == q up to rounding: draw from p
+    dist = torch.where(use_res, residual / total.clamp(min=1e-30), base)  # [B, V]
+    token = dist.argmax(-1)  # [B]
+    for b, (gen, g_b) in enumerate(zip(generators, greedy)):
+        if not g_b:
+            token[b] = torch.multinomial(dist[b], 1, generator=gen)[0]
+    out = torch.full((B, K + 1), PLACEHOLDER, dtype=torch.long, device=dev)  # [B, K+1]
+    if N:
+        keep = j_of.to(dev) < n[row_of.to(dev)]  # [N]
+        out[row_of.to(dev), j_of.to(dev)] = torch.where(keep, draft_ids, PLACEHOLDER)
+    out[rows, n] = token
+    return n, token, out

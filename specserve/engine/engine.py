@@ -1,0 +1,288 @@
+"""The continuous-batching engine: many sequences share every draft and target forward, ar and sd.
+
+    engine = Engine(target, draft, max_num_seqs=8, max_model_len=2048, max_queue_len=64)
+    rid = engine.add(Request(prompt_ids, max_new_tokens=64, seed=1))
+    while engine.has_work():
+        for rid, chunk in engine.step(): ...
+
+One `step()` is one round over every running row:
+  1. schedule  -- apply aborts (their slots are freed), admit waiting requests into free slots,
+                  pick the round's k (scheduler.py).
+  2. draft     -- rows with k_i > 0 draft in batched steps through the draft's own SlotCache: the
+                  first step feeds each row's uncached tokens (a new prompt, or the catch-up after
+                  k = 0 rounds), the next ones feed d_j. Skipped entirely when every k_i is 0.
+  3. verify    -- ONE target forward over every row's uncached tokens + drafts (a new prompt is
+                  prefilled here, beside the others' verification).
+  4. accept    -- batched rejection sampling, each row with its own generator.
+  5. commit    -- the round's single host read; each sequence commits (EOS / budget / stop cut),
+                  both caches roll back by writing lengths.
+  6. retire    -- finished rows free their slots; their last chunks go out with the others.
+The output is what the target alone produces (greedy: token-identical; sampled: the same law).
+
+This module does not know about threads, asyncio, networks or sessions: a server runs `step()` in
+one loop and routes the (request id, Chunk) pairs. SSD (a remote drafter) is not handled here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .models import LM, check_pair
+from .runner import make_runner
+from .sampling import batched_rejection_sample, warp_rows
+from .scheduler import CostModel, KPolicy, LinearCost, MeasuredCost, Scheduler
+from .sequence import Request, Sequence
+from .speculative import Chunk
+
+__all__ = ["Engine", "EngineStats", "run_to_completion"]
+
+
+@dataclass
+class EngineStats:
+    rounds: int = 0
+    row_rounds: int = 0  # sum over rounds of the batch size
+    drafted_rows: int = 0  # row-rounds that drafted
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    committed_tokens: int = 0
+    k_sum: int = 0  # sum over rounds of the longest draft of the round (0 = a plain decode round)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def to_dict(self, engine: "Engine") -> dict:
+        r = max(self.rounds, 1)
+        return {"rounds": self.rounds, "mean_batch": round(self.row_rounds / r, 3),
+                "mean_k": round(self.k_sum / r, 3),
+                "mean_drafts_per_row": round(self.draft_tokens / max(self.row_rounds, 1), 3),
+                "acceptance_rate": round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else 0.0,
+                "committed_tokens": self.committed_tokens, "draft_s": round(self.draft_s, 4),
+                "verify_s": round(self.verify_s, 4), **engine.capacity()}
+
+
+class Engine:
+    def __init__(self, target: LM, draft: LM | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
+                 max_queue_len: int = 64, k_max: int = 8, k_init: int = 4, hysteresis: float = 0.05,
+                 max_prefill_tokens: int = 4096, native: bool | None = None, probe: bool = True,
+                 cost: CostModel | None = None):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        limit = min(target.max_len, draft.max_len) if draft is not None else target.max_len
+        max_model_len = max_model_len or min(limit, 2048)
+        if max_model_len > limit:
+            raise ValueError(f"max_model_len is {max_model_len} but the model's context window is {limit}: "
+                             "lower max_model_len")
+        if draft is not None:
+            check_pair(target, draft)
+        self.target, self.draft, self.max_model_len = target, draft, max_model_len
+        self.trun = make_runner(target.model, max_num_seqs, max_model_len, native)
+        self.drun = make_runner(draft.model, max_num_seqs, max_model_len, native) if draft is not None else None
+        self.device = self.trun.cache.device
+        if cost is None:
+            cost = self.probe() if probe else CostModel(LinearCost(1.0, 0.05), LinearCost(0.3, 0.015) if draft else None)
+        self.policy = KPolicy(cost, k_max=k_max, hysteresis=hysteresis, k=k_init if draft is not None else 0)
+        self.scheduler = Scheduler(max_num_seqs, max_queue_len, self.policy, speculate=draft is not None,
+                                   max_prefill_tokens=max_prefill_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add(self, request: Request) -> str:
+        """Queue a request; return its id. Raises ValueError (bad request) or QueueFull."""
+        if request.spec.mode == "sd" and self.draft is None and request.spec.k != 0:
+            raise ValueError("mode 'sd' needs a draft model: give the engine a draft, or use mode 'ar'")
+        if request.request_id is not None and request.request_id in self.seqs:
+            raise ValueError(f"request_id {request.request_id!r} is already running: pick a unique id")
+        seq = Sequence(request, self.target.tokenizer, self.target.eos_ids, self.target.vocab_size,
+                       self.max_model_len, device=self.device)
+        self.scheduler.add(seq)
+        self.seqs[seq.id] = seq
+        return seq.id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next round boundary; its slot is freed and it emits 'abort'."""
+        if request_id in self.seqs:
+            self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def capacity(self) -> dict:
+        c = self.trun.cache.capacity()
+        c["draft_cache_bytes"] = self.drun.cache.bytes if self.drun else 0
+        c["runner"] = self.trun.kind
+        return c
+
+    # ---- one round --------------------------------------------------------------------------
+    def step(self) -> list[tuple[str, Chunk]]:
+        out = self.scheduler.schedule(self.trun.cache.num_free)
+        events = [(s.id, Chunk([], finish_reason="abort")) for s in self.scheduler.aborted_waiting]
+        self.scheduler.aborted_waiting.clear()
+        for s in out.aborted:
+            self._release(s)
+            events.append((s.id, Chunk([], finish_reason="abort")))
+        for s in events:
+            self.seqs.pop(s[0], None)
+        for s in out.prefill:
+            s.slot = self.trun.cache.alloc()
+            if self.drun is not None and self.drun.cache.alloc() != s.slot:
+                raise RuntimeError("target and draft slot pools went out of step")
+            s.t_start = time.perf_counter()
+        rows, kd = out.running, out.draft_lens
+        if not rows:
+            return events
+        t0 = time.perf_counter()
+        drafts, q = self._draft(rows, kd)  # [sum kd] long, [sum kd, V] | None
+        t1 = time.perf_counter()
+        n, outs, n_tokens = self._verify(rows, kd, drafts, q)
+        t2 = time.perf_counter()
+        self.policy.cost.target.observe(n_tokens, t2 - t1)
+        for s, k, nb, o in zip(rows, kd, n, outs):
+            committed = len(s.ids) + nb
+            self.trun.cache.set_length(s.slot, committed)
+            if self.drun is not None:
+                self.drun.cache.set_length(s.slot, min(self.drun.cache.length(s.slot), committed))
+            s.stats.verify_s += t2 - t1  # each row waits for the whole round
+            s.stats.draft_wait_s += t1 - t0
+            events.append((s.id, s.commit(o[:nb], o[nb], drafted=k)))
+        for s in self.scheduler.update_from_output(rows, n, kd):
+            self._release(s)
+            self.seqs.pop(s.id, None)
+        self._account(rows, kd, n, t1 - t0, t2 - t1)
+        return events
+
+    def _release(self, s: Sequence) -> None:
+        if s.slot is not None:
+            self.trun.cache.free(s.slot)
+            if self.drun is not None:
+                self.drun.cache.free(s.slot)
+            s.slot = None
+
+    def _draft(self, rows: list[Sequence], kd: list[int]):
+        """Batched draft steps; returns (flat drafts [sum kd] long, q [sum kd, V] or None), on the device."""
+        N = sum(kd)
+        drafts = torch.empty(N, dtype=torch.long, device=self.device)  # [N]
+        if N == 0:
+            return drafts, None
+        cache = self.drun.cache
+        act = [b for b, k in enumerate(kd) if k > 0]  # rows that draft this round
+        off = [sum(kd[:b]) for b in range(len(rows))]  # flat offset of row b's drafts
+        sampled = any(not rows[b].sp.greedy for b in act)
+        q = torch.empty(N, self.draft.vocab_size, device=self.device) if sampled else None  # [N, V]
+        feed = [rows[b].ids[cache.length(rows[b].slot):] for b in act]  # catch-up tokens (>= 1 each)
+        tokens = torch.tensor([t for f in feed for t in f], dtype=torch.long)
+        logits = self._draft_forward([rows[b].slot for b in act], tokens, [len(f) for f in feed])
+        for j in range(max(kd)):
+            sps = [rows[b].sp for b in act]
+            qj = warp_rows(logits, sps, [1] * len(act))  # [A, V]
+            dj = qj.argmax(-1)  # [A]
+            for i, b in enumerate(act):
+                if not rows[b].sp.greedy:
+                    dj[i] = torch.multinomial(qj[i], 1, generator=rows[b].gen)[0]
+            pos = torch.tensor([off[b] + j for b in act], device=self.device)
+            drafts[pos] = dj
+            if q is not None:
+                q[pos] = qj
+            nxt = [i for i, b in enumerate(act) if kd[b] > j + 1]  # rows that need d_{j+2}
+            if not nxt:
+                break
+            act = [act[i] for i in nxt]
+            sel = dj[torch.tensor(nxt, device=self.device)]  # [A'] fed without leaving the device
+            logits = self._draft_forward([rows[b].slot for b in act], sel, [1] * len(act))
+        return drafts, q
+
+    def _draft_forward(self, slots, tokens, lens):
+        """One batched draft step, timed for the cost model (on CUDA without a sync: approximate)."""
+        t0 = time.perf_counter()
+        logits, _ = self.drun.forward(slots, tokens, lens, [1] * len(slots))  # [A, V]
+        self.policy.cost.draft.observe(sum(lens), time.perf_counter() - t0)
+        return logits
+
+    def _verify(self, rows: list[Sequence], kd: list[int], drafts: torch.Tensor, q):
+        """One target forward + batched rejection sampling; the round's one host read."""
+        cache = self.trun.cache
+        unc = [s.ids[cache.length(s.slot):] for s in rows]  # uncached committed tokens (>= 1 each)
+        lens = [len(u) + k for u, k in zip(unc, kd)]
+        host_pos, host_tok, draft_pos, start = [], [], [], 0
+        for u, k, L in zip(unc, kd, lens):
+            host_pos.extend(range(start, start + len(u)))
+            host_tok.extend(u)
+            draft_pos.extend(range(start + len(u), start + L))
+            start += L
+        tokens = torch.empty(start, dtype=torch.long, device=self.device)  # [sum lens]
+        tokens[torch.tensor(host_pos, device=self.device)] = torch.tensor(host_tok, device=self.device)
+        if draft_pos:
+            tokens[torch.tensor(draft_pos, device=self.device)] = drafts
+        logits, _ = self.trun.forward([s.slot for s in rows], tokens, lens, [k + 1 for k in kd])  # [sum kd + B, V]
+        p = warp_rows(logits, [s.sp for s in rows], [k + 1 for k in kd])
+        n, _, out_ids = batched_rejection_sample(drafts, kd, q, p, [s.gen for s in rows],
+                                                 greedy=[s.sp.greedy for s in rows])
+        host = torch.cat([n[:, None], out_ids], 1).tolist()  # the host sync of the round
+        return [h[0] for h in host], [h[1:] for h in host], start
+
+    def _account(self, rows, kd, n, draft_s, verify_s) -> None:
+        st = self.stats
+        st.rounds += 1
+        st.row_rounds += len(rows)
+        st.drafted_rows += sum(1 for x in kd if x)
+        st.draft_tokens += sum(kd)
+        st.accepted_tokens += sum(n)
+        st.committed_tokens += sum(n) + len(rows)
+        st.k_sum += max(kd)
+        st.draft_s += draft_s
+        st.verify_s += verify_s
+
+    def probe(self) -> CostModel:
+        """Time a few forwards on free slots (dummy tokens) to seed the cost model in seconds."""
+        def timed(run, rows, tokens):
+            slots = [run.cache.alloc() for _ in range(rows)]
+            try:
+                run.forward(slots, torch.zeros(rows * 8, dtype=torch.long), [8] * rows, [1] * rows)  # a context
+                t0 = time.perf_counter()
+                run.forward(slots, torch.zeros(rows * tokens, dtype=torch.long), [tokens] * rows, [tokens] * rows)
+                return time.perf_counter() - t0
+            finally:
+                for s in slots:
+                    run.cache.free(s)
+
+        def fit(run, shapes):
+            timed(run, 1, 1)  # warm-up
+            pts = [(r * t, timed(run, r, t)) for r, t in shapes]  # (flat tokens, seconds)
+            (na, a), (nb, b) = pts[0], pts[-1]
+            c1 = max((b - a) / (nb - na), 0.0) if nb > na else 0.0
+            cost = MeasuredCost(LinearCost(max(a - c1 * na, 1e-6), c1, span=max(nb, 2)))
+            for n, sec in pts:  # measured points; rounds move them and add more as they run
+                cost.set_point(n, sec)
+            return cost
+
+        rows = self.trun.cache.slots
+        tgt = fit(self.trun, sorted({(1, 1), (1, 3), (rows, 1), (rows, 3), (rows, 5)}, key=lambda x: x[0] * x[1]))
+        drf = fit(self.drun, sorted({(1, 1), (max(rows // 2, 1), 1), (rows, 1)})) if self.drun is not None else None
+        return CostModel(tgt, drf)
+
+
+def run_to_completion(engine: Engine, requests: list[Request], join_at: dict[int, list[Request]] | None = None):
+    """Run requests through `engine` until all finish; `join_at[r]` adds more before round r.
+
+    Returns {request id: (token ids, chunks, Sequence)} in the order added.
+    """
+    results: dict[str, tuple[list[int], list[Chunk], Sequence]] = {}
+
+    def add(req):
+        rid = engine.add(req)
+        results[rid] = ([], [], engine.seqs[rid])
+
+    for r in requests:
+        add(r)
+    rnd = 0
+    join_at = join_at or {}
+    while engine.has_work() or any(r >= rnd for r in join_at):
+        for r in join_at.get(rnd, []):
+            add(r)
+        for rid, chunk in engine.step():
+            results[rid][0].extend(chunk.token_ids)
+            results[rid][1].append(chunk)
+        rnd += 1
+    return results

@@ -1,0 +1,221 @@
+"""One ragged forward over many sequences: each row appends its own tokens to its own cache slot.
+
+Input: `slots` [B] (host ints), `tokens` [N] long (flat, the rows' tokens back to back, host or
+device), `row_lens` [B] (host ints, >= 1 each, sum N) and `keep` [B] (how many of each row's
+last positions need logits; 0 is allowed). Row b's tokens go to positions
+length(slot_b) + 0..row_lens[b]-1 (RoPE at the true position), and each query sees only its own
+slot's valid cache columns and its own row's earlier new tokens. Output: float32 logits
+[sum(keep), V] on the model's device, FLAT: row b's rows are logits[koff[b]:koff[b+1]] with
+koff = prefix sums of keep (returned). Afterwards every slot's length is advanced by its row.
+
+Two implementations behind one interface:
+  NativeRunner  Llama / Qwen2 family (incl. Qwen2's q/k/v bias, GQA, tied embeddings). It calls the
+                model's own modules (embed_tokens, q/k/v/o_proj - plain, PackedLinear or int8 -,
+                rotary_emb, RMSNorms, MLP, lm_head) and does attention itself with
+                scaled_dot_product_attention over the SlotCache and an explicit boolean mask.
+                Linears and MLPs run on the flat [1, N, hidden] tokens (no padding); only
+                attention pads the queries to [B, T_max].
+  SerialRunner  any other causal LM transformers loads: rows one at a time, each slot holding the
+                existing `KVCache` (a DynamicCache; it grows per request, unlike the SlotCache).
+
+This module does not know about sampling, drafts or scheduling. Host syncs: none (indices and
+the mask are built on the host from host lengths and copied to the device).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .models import KVCache
+from .slot_cache import SlotCache, SlotPool
+
+__all__ = ["Runner", "NativeRunner", "SerialRunner", "SerialCache", "make_runner", "native_supported"]
+
+NATIVE_FAMILIES = ("llama", "qwen2")
+
+
+def native_supported(model: Any) -> str | None:
+    """None if the native decoder can run `model`, else why not (then the serial fallback runs)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in NATIVE_FAMILIES:
+        return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {NATIVE_FAMILIES}"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "sliding-window layers"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
+        return "no model.model.{layers, rotary_emb}"
+    return None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Runner:
+    """What the engine asks of a model: ragged forwards into a slot cache."""
+
+    cache: SlotPool
+    kind = "abstract"
+
+    def forward(self, slots: list[int], tokens: torch.Tensor, row_lens: list[int],
+                keep: list[int]) -> tuple[torch.Tensor, list[int]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _check(cache: SlotPool, slots: list[int], row_lens: list[int], keep: list[int]) -> list[int]:
+        """Validate a call; return koff [B+1] (prefix sums of keep)."""
+        assert len(slots) == len(row_lens) == len(keep) and slots, "one (slot, row_len, keep) per row"
+        koff = [0]
+        for s, n, kp in zip(slots, row_lens, keep):
+            assert n >= 1 and 0 <= kp <= n, f"row of {n} tokens cannot keep {kp}"
+            if cache.length(s) + n > cache.max_len:
+                raise ValueError(f"slot {s} holds {cache.length(s)} tokens; {n} more exceed max_model_len="
+                                 f"{cache.max_len}: shorten the request or raise max_model_len")
+            koff.append(koff[-1] + kp)
+        return koff
+
+
+class NativeRunner(Runner):
+    kind = "native"
+
+    def __init__(self, model: Any, cache: SlotCache):
+        why = native_supported(model)
+        if why:
+            raise ValueError(f"native decoder cannot run this model ({why}): use SerialRunner")
+        self.model, self.cache = model, cache
+        self.inner = model.model
+        cfg = model.config
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
+        self.device = cache.device
+
+    def _layout(self, slots, row_lens):
+        """Flat-token positions and attention groups, built on the host, moved to the device.
+
+        Rows are grouped by length (a new row starts a group when it is under half the group's
+        longest), so a 300-token prompt does not pad the 5-token verify rows to 300 queries.
+        Per group: (slots [G], flat index [n_g] of its tokens, row [n_g] and i [n_g] of each
+        token within the group, mask [G, 1, T_g, L_g] with column j visible iff j <= length + i).
+        """
+        lens = [self.cache.length(s) for s in slots]
+        starts = [sum(row_lens[:b]) for b in range(len(slots))]
+        pos = torch.cat([torch.arange(n) + ln for n, ln in zip(row_lens, lens)])  # [N] length + i
+        order = sorted(range(len(slots)), key=lambda b: -row_lens[b])
+        groups, cur = [], [order[0]]
+        for b in order[1:]:
+            if 2 * row_lens[b] < row_lens[cur[0]]:
+                groups.append(cur)
+                cur = []
+            cur.append(b)
+        groups.append(cur)
+        dev, out = self.device, []
+        for g in groups:
+            T = row_lens[g[0]]
+            L = max(lens[b] + row_lens[b] for b in g)
+            flat = torch.cat([torch.arange(starts[b], starts[b] + row_lens[b]) for b in g])  # [n_g]
+            row = torch.cat([torch.full((row_lens[b],), i) for i, b in enumerate(g)])  # [n_g]
+            t_in = torch.cat([torch.arange(row_lens[b]) for b in g])  # [n_g]
+            ln = torch.tensor([lens[b] for b in g])  # [G]
+            mask = torch.arange(L)[None, None, :] <= (ln[:, None, None] + torch.arange(T)[None, :, None])  # [G, T, L]
+            out.append((torch.tensor([slots[b] for b in g]).to(dev), flat.to(dev), row.to(dev), t_in.to(dev),
+                        mask[:, None].to(dev), len(g), T, L))
+        slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(row_lens))  # [N]
+        return pos.to(dev), slot_of.to(dev), out
+
+    @torch.inference_mode()
+    def forward(self, slots, tokens, row_lens, keep):
+        koff = self._check(self.cache, slots, row_lens, keep)
+        pos, slot_of, groups = self._layout(slots, row_lens)
+        N, H, Hkv, D = len(pos), self.heads, self.kv_heads, self.head_dim
+        tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)  # [N]
+        h = self.inner.embed_tokens(tokens)[None]  # [1, N, hidden]
+        cos, sin = self.inner.rotary_emb(h, pos[None])  # [1, N, D] each
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, D]
+        for i, layer in enumerate(self.inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)  # [1, N, hidden]
+            q = attn.q_proj(x).view(N, H, D)
+            k = attn.k_proj(x).view(N, Hkv, D)
+            v = attn.v_proj(x).view(N, Hkv, D)
+            q = q * cos + _rotate_half(q) * sin  # [N, H, D]
+            k = k * cos + _rotate_half(k) * sin  # [N, Hkv, D]
+            self.cache.write(i, slot_of, pos, k, v)
+            o = q if len(groups) == 1 else torch.empty_like(q)  # [N, H, D]
+            for slot_t, flat, row, t_in, mask, G, T, L in groups:
+                K, V = self.cache.read(i, slot_t, L)  # [G, Hkv, L, D] each
+                qp = q.new_zeros(G, T, H, D)
+                qp[row, t_in] = q[flat]
+                og = F.scaled_dot_product_attention(qp.transpose(1, 2), K, V, attn_mask=mask,
+                                                    scale=attn.scaling, enable_gqa=H != Hkv)  # [G, H, T, D]
+                o[flat] = og.transpose(1, 2)[row, t_in]  # [n_g, H, D]
+            h = h + attn.o_proj(o.reshape(1, N, H * D))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for s, n in zip(slots, row_lens):
+            self.cache.set_length(s, self.cache.length(s) + n)
+        ends = torch.cumsum(torch.tensor(row_lens), 0)  # [B] flat end of each row
+        sel = torch.cat([torch.arange(int(e) - kp, int(e)) for e, kp in zip(ends, keep)])  # [M]
+        if sel.numel() == 0:
+            return h.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), koff
+        hs = self.inner.norm(h[:, sel.to(self.device)])  # [1, M, hidden]
+        return self.model.lm_head(hs)[0].float(), koff  # [M, V]
+
+
+class SerialCache(SlotPool):
+    """The fallback's cache: one transformers DynamicCache (`KVCache`) per slot, cropped on rollback."""
+
+    def __init__(self, model: Any, slots: int, max_len: int):
+        super().__init__(slots, max_len)
+        self.model = model
+        self.device = getattr(model, "device", torch.device("cpu"))
+        self.kv: list[KVCache | None] = [None] * slots
+
+    def _on_length(self, slot, n):
+        kv = self.kv[slot]
+        if n == 0 or kv is None:
+            self.kv[slot] = KVCache(self.model)
+        elif n < kv.length:
+            kv.crop(n)
+
+    @property
+    def bytes(self) -> int:
+        total = 0
+        for kv in self.kv:
+            for layer in getattr(kv.cache, "layers", []) if kv else []:
+                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+        return total
+
+
+class SerialRunner(Runner):
+    """Rows one at a time through the existing batch-1 KVCache path (any causal LM)."""
+
+    kind = "serial"
+
+    def __init__(self, model: Any, cache: SerialCache):
+        self.model, self.cache = model, cache
+
+    def forward(self, slots, tokens, row_lens, keep):
+        koff = self._check(self.cache, slots, row_lens, keep)
+        tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()  # [N]
+        out, start = [], 0
+        for s, n, kp in zip(slots, row_lens, keep):
+            kv = self.cache.kv[s]
+            logits = kv.forward(tokens[start:start + n], keep=max(kp, 1))  # [max(kp,1), V] on the CPU
+            out.append(logits[logits.shape[0] - kp:])
+            self.cache.set_length(s, kv.length)
+            start += n
+        return torch.cat(out).to(self.cache.device), koff  # [M, V]
+
+
+def make_runner(model: Any, slots: int, max_len: int, native: bool | None = None) -> Runner:
+    """The native runner when the family allows it (or `native=True` insists), else the serial one."""
+    if native is None:
+        native = native_supported(model) is None
+    if native:
+        return NativeRunner(model, SlotCache.for_model(model, slots, max_len))
+    return SerialRunner(model, SerialCache(model, slots, max_len))

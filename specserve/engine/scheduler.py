@@ -1,0 +1,237 @@
+"""Who runs this round, and with how many drafts: queues, admission, aborts and the k policy.
+
+`Scheduler` keeps a waiting queue (bounded: `add()` past `max_queue_len` raises `QueueFull`) and
+the running set. `schedule()` is called once per round, between rounds: it applies pending
+aborts, admits waiting sequences while slots are free, and picks the round's k. It holds no
+tensors and never preempts: every slot is preallocated for max_model_len tokens, so a running
+sequence can never run out of cache.
+
+Prefill: neither a separate forward nor chunks. An admitted prompt goes through the SAME target
+forward as the other rows' verification, in its first round (it even speculates in that round:
+the draft prefills it in its first draft step). Why: one forward per round keeps one host sync per
+round and gives the new row its first token after one round; the runner runs linears on flat
+tokens and groups rows by length for attention, so the short rows pay no padding beside a long
+prompt; measured on the 1.5B shape (docs/batching-forward.md), a 300-token prompt beside 8 rows
+verifying 5 costs 13.5 s in one forward vs 13.8 s as two. The cost is a latency spike for the
+running rows during a long prompt's round (they would wait for a separate prefill forward too);
+`max_prefill_tokens` bounds the prompt tokens admitted per round (a longer prompt is admitted
+alone). Chunking a long prompt across rounds is what caps that spike: not done yet.
+
+The k policy: `KPolicy` picks one k per round for the rows that let the scheduler choose, from
+the `CostModel` (forward seconds as a function of tokens, learnt online from the engine's timings
+after a start-up probe) and each sequence's smoothed acceptance a: it maximises
+  sum_rows E(a, k) / (k * draft_step(rows) + target(rows * (k + 1))),
+  E(a, k) = (1 - a^(k+1)) / (1 - a) committed tokens per row per round,
+and moves off the current k only for a gain above `hysteresis`. k = 0 is plain batched decoding
+(no draft forward at all). A request's fixed k is exactly that (only its budget cuts it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .sequence import Sequence
+
+__all__ = ["QueueFull", "LinearCost", "MeasuredCost", "CostModel", "KPolicy", "expected_tokens", "Scheduler", "SchedulerOutput"]
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at max_queue_len (servers map this to RESOURCE_EXHAUSTED)."""
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Committed tokens per round with k drafts at per-draft acceptance a."""
+    a = min(max(a, 0.0), 1.0)
+    return k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+class LinearCost:
+    """seconds(tokens) = c0 + c1 * tokens, an exponentially weighted least-squares fit.
+
+    A forward over N flat tokens costs a fixed part (reading the weights: memory-bound) plus a
+    part per token (compute); the 1.5B measurements fit this within ~10%. The prior enters as two
+    pseudo-observations (at 1 and `span` tokens) of weight `prior_weight` that do not decay.
+    """
+
+    def __init__(self, c0: float, c1: float, span: int = 40, prior_weight: float = 0.2, decay: float = 0.97):
+        self.decay = decay
+        self._prior = [(1.0, c0 + c1, prior_weight), (float(span), c0 + c1 * span, prior_weight)]
+        self._s = [0.0] * 5  # decayed sums of w, w*x, w*y, w*x*x, w*x*y
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        x, y, d = float(tokens), float(seconds), self.decay
+        self._s = [d * s for s in self._s]
+        for i, v in enumerate((1.0, x, y, x * x, x * y)):
+            self._s[i] += v
+
+    def coefficients(self) -> tuple[float, float]:
+        w, sx, sy, sxx, sxy = self._s
+        for x, y, pw in self._prior:
+            w, sx, sy, sxx, sxy = w + pw, sx + pw * x, sy + pw * y, sxx + pw * x * x, sxy + pw * x * y
+        var = sxx - sx * sx / w
+        c1 = max((sxy - sx * sy / w) / var, 0.0) if var > 1e-12 else 0.0
+        c0 = max((sy - c1 * sx) / w, 0.0)
+        return c0, c1
+
+    def predict(self, tokens: int) -> float:
+        c0, c1 = self.coefficients()
+        return c0 + c1 * tokens
+
+
+class MeasuredCost:
+    """seconds(tokens) from measured points: an EMA per token count, piecewise-linear in between.
+
+    Unlike one straight line this keeps the flat, memory-bound start (on the 1.5B fp32 shape 1, 3
+    and 5 tokens cost 458 / 447 / 519 ms, then ~40 ms per token): a line through all points
+    misprices one-token steps by ~20%, and so the k = 0 vs k > 0 choice. Past the last point it
+    extends the last segment's slope; below the first it is flat. With fewer than one point it
+    falls back to `prior` (a LinearCost).
+    """
+
+    def __init__(self, prior: LinearCost, decay: float = 0.8):
+        self.prior, self.decay = prior, decay
+        self.points: dict[int, float] = {}  # tokens -> smoothed seconds
+
+    def set_point(self, tokens: int, seconds: float) -> None:
+        """A deliberate measurement (the start-up probe): taken as is."""
+        self.points[tokens] = seconds
+        self.prior.observe(tokens, seconds)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A round's timing: moves its point (a new one starts at the curve) by an EMA step."""
+        old = self.points.get(tokens, self.predict(tokens) if self.points else seconds)
+        self.points[tokens] = self.decay * old + (1 - self.decay) * seconds
+        self.prior.observe(tokens, seconds)
+
+    def predict(self, tokens: int) -> float:
+        xs = sorted(self.points)
+        if not xs:
+            return self.prior.predict(tokens)
+        if tokens <= xs[0] or len(xs) == 1:
+            return self.points[xs[0]] if tokens <= xs[0] else self.points[xs[0]] + self.prior.coefficients()[1] * (
+                tokens - xs[0])
+        i = next((j for j, x in enumerate(xs) if x >= tokens), len(xs) - 1)
+        x0, x1 = xs[i - 1], xs[i]
+        y0, y1 = self.points[x0], self.points[x1]
+        slope = (y1 - y0) / (x1 - x0)
+        if tokens > x1:  # past the last point: never cheaper than it
+            return y1 + max(slope, 0.0) * (tokens - x1)
+        return y0 + slope * (tokens - x0)
+
+
+@dataclass
+class CostModel:
+    """Seconds of one target forward over N tokens, and of one draft step over N tokens."""
+
+    target: LinearCost | MeasuredCost
+    draft: LinearCost | MeasuredCost | None = None
+
+    def round_seconds(self, kd: list[int]) -> float:
+        """One round where row i drafts kd[i] tokens (0 = no drafting) and verifies kd[i] + 1."""
+        t = self.target.predict(sum(k + 1 for k in kd))
+        if self.draft is not None:
+            for j in range(1, max(kd, default=0) + 1):
+                t += self.draft.predict(sum(1 for k in kd if k >= j))
+        return t
+
+
+@dataclass
+class KPolicy:
+    """Pick the round's k for the rows that let the scheduler choose (see the module docstring)."""
+
+    cost: CostModel
+    k_max: int = 8
+    hysteresis: float = 0.05
+    k: int = 0  # the current k, kept between rounds
+
+    def rate(self, k: int, rows: list[tuple[float, int | None]]) -> float:
+        """Expected committed tokens per second; rows = (acceptance, fixed k or None)."""
+        kd = [k if fixed is None else fixed for _, fixed in rows]
+        tokens = sum(expected_tokens(a, kk) for (a, _), kk in zip(rows, kd))
+        return tokens / max(self.cost.round_seconds(kd), 1e-9)
+
+    def choose(self, rows: list[tuple[float, int | None]]) -> int:
+        if self.cost.draft is None or not any(fixed is None for _, fixed in rows):
+            return self.k  # nothing to choose this round; keep the state
+        rates = [self.rate(k, rows) for k in range(self.k_max + 1)]
+        best = max(range(len(rates)), key=rates.__getitem__)
+        cur = min(self.k, self.k_max)
+        if rates[best] > rates[cur] * (1.0 + self.hysteresis):
+            self.k = best
+        return self.k
+
+
+@dataclass
+class SchedulerOutput:
+    """One round's plan (plain data; the engine applies it to the caches)."""
+
+    prefill: list[Sequence] = field(default_factory=list)  # admitted now: need a slot, prompt uncached
+    running: list[Sequence] = field(default_factory=list)  # every row of this round (prefill included)
+    k: int = 0  # the round's k for rows without a fixed k
+    draft_lens: list[int] = field(default_factory=list)  # per running row: its drafts this round
+    aborted: list[Sequence] = field(default_factory=list)  # were running: free their slots
+    preempted: list[Sequence] = field(default_factory=list)  # always empty: caches are preallocated
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_queue_len: int, policy: KPolicy, speculate: bool,
+                 max_prefill_tokens: int = 4096):
+        if max_queue_len < 0:
+            raise ValueError(f"max_queue_len must be >= 0, got {max_queue_len}")
+        self.max_num_seqs, self.max_queue_len = max_num_seqs, max_queue_len
+        self.policy, self.speculate, self.max_prefill_tokens = policy, speculate, max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._abort: set[str] = set()
+        self.aborted_waiting: list[Sequence] = []  # aborted before they ran (no slot to free)
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_queue_len:
+            raise QueueFull(f"queue full: {len(self.waiting)} requests waiting (max_queue_len); "
+                            "retry later or raise max_queue_len")
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: str) -> None:
+        """Takes effect at the next round boundary (the next `schedule()`)."""
+        self._abort.add(seq_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._abort)
+
+    def schedule(self, free_slots: int) -> SchedulerOutput:
+        out = SchedulerOutput()
+        if self._abort:
+            for s in [s for s in self.waiting if s.id in self._abort]:
+                self.waiting.remove(s)
+                s.finish("abort")
+                self.aborted_waiting.append(s)
+            for s in [s for s in self.running if s.id in self._abort]:
+                self.running.remove(s)
+                s.finish("abort")
+                out.aborted.append(s)
+                free_slots += 1
+            self._abort.clear()
+        budget = self.max_prefill_tokens
+        while self.waiting and free_slots > 0 and len(self.running) < self.max_num_seqs:
+            n = self.waiting[0].prompt_len
+            if out.prefill and n > budget:
+                break  # the first admission always goes, even when alone over the budget
+            s = self.waiting.popleft()
+            budget -= n
+            free_slots -= 1
+            self.running.append(s)
+            out.prefill.append(s)
+        out.running = list(self.running)
+        rows = [(s.acceptance, s.spec.k) for s in out.running if self.speculate and s.speculates]
+        out.k = self.policy.choose(rows) if rows else self.policy.k
+        out.draft_lens = [s.draft_len(out.k) if self.speculate else 0 for s in out.running]
+        return out
+
+    def update_from_output(self, rows: list[Sequence], accepted: list[int], drafted: list[int]) -> list[Sequence]:
+        """After the round: acceptance EMAs; drop finished rows; return them (their slots are to free)."""
+        for s, n, k in zip(rows, accepted, drafted):
+            s.observe_acceptance(n, k)
+        done = [s for s in rows if s.finish_reason]
+        self.running = [s for s in self.running if not s.finish_reason]
+        return done

@@ -1,0 +1,191 @@
+"""The batching engine on tiny models: greedy exactness against batch-1 runs, stops, aborts, memory."""
+
+import pytest
+import torch
+
+from specserve.engine.engine import Engine, run_to_completion
+from specserve.engine.models import LM, load_model
+from specserve.engine.scheduler import QueueFull
+from specserve.engine.sequence import Request, SpeculationParams
+from specserve.engine.speculative import SpecConfig, generate
+
+N_NEW = 20
+
+
+def ar_reference(target, ids, n=N_NEW, stop=()):
+    return [t for c in generate(target, None, ids, n, spec=SpecConfig(mode="ar"), stop=stop) for t in c.token_ids]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    """Ragged prompts: 1 to 300 tokens (the tiny models' window is tiny['target'].max_len)."""
+    tok = tiny["target"].tokenizer
+    g = torch.Generator().manual_seed(0)
+    text = tok("def add(a, b):\n    return a + b\n")["input_ids"]
+    out = [[5], text, (text * 40)[:300], torch.randint(3, 500, (41,), generator=g).tolist(),
+           tok("The quick brown fox")["input_ids"], torch.randint(3, 500, (130,), generator=g).tolist()]
+    assert max(len(p) for p in out) == 300 < tiny["target"].max_len
+    return out
+
+
+@pytest.fixture(scope="module")
+def refs(tiny, prompts):
+    return [ar_reference(tiny["target"], p) for p in prompts]
+
+
+def spec(mode, k=None):
+    return SpeculationParams(mode=mode, k=k)
+
+
+def engine(tiny, draft=None, slots=4, **kw):
+    return Engine(tiny["target"], tiny[draft] if draft else None, max_num_seqs=slots, max_model_len=512, **kw)
+
+
+CASES = [("ar", None, None), ("sd", "draft-same", 3), ("sd", "draft-random", 2), ("sd", "draft-random", None),
+         ("sd", "draft-same", None)]
+
+
+@pytest.mark.parametrize("mode, draft, k", CASES, ids=[f"{m}-{d}-k{k}" for m, d, k in CASES])
+def test_every_row_of_a_batch_equals_its_batch_1_run(tiny, prompts, refs, mode, draft, k):
+    """6 ragged prompts over 4 slots: two wait, then join while the others are mid-generation."""
+    eng = engine(tiny, draft)
+    res = run_to_completion(eng, [Request(p, N_NEW, spec=spec(mode, k)) for p in prompts[:4]],
+                            join_at={3: [Request(prompts[4], N_NEW, spec=spec(mode, k))],
+                                     5: [Request(prompts[5], N_NEW, spec=spec(mode, k))]})
+    outs = [v[0] for v in res.values()]
+    assert outs == refs
+    assert eng.stats.to_dict(eng)["mean_batch"] > 2
+    solo = [run_to_completion(engine(tiny, draft, slots=1), [Request(p, N_NEW, spec=spec(mode, k))])
+            for p in prompts[:2]]
+    assert [next(iter(r.values()))[0] for r in solo] == refs[:2]
+    st = next(iter(res.values()))[2].stats
+    assert st.rounds >= 1 and st.new_tokens == N_NEW and st.verify_s > 0 and 0 < st.ttft_s <= st.elapsed_s + 1e-3
+    if draft == "draft-same" and k is not None:
+        assert all(s.stats.acceptance_rate == 1.0 for _, _, s in res.values())
+        assert eng.stats.accepted_tokens == eng.stats.draft_tokens > 0
+
+
+def test_rows_finish_at_different_rounds_by_eos_stop_and_budget(tiny, tiny_dir, prompts, refs):
+    target = load_model(str(tiny_dir / "target"), dtype="float32")  # a private copy to change
+    eos = refs[1][9]
+    target.model.generation_config.eos_token_id = eos
+    tok = target.tokenizer
+    full = tok.decode(refs[3], skip_special_tokens=True)
+    stop = full[12:15]
+    assert stop.strip() and eos not in refs[3][:12]
+    for draft, k in ((None, None), (tiny["draft-same"], 4), (tiny["draft-random"], 2)):
+        mode = "ar" if draft is None else "sd"
+        eng = Engine(target, draft, max_num_seqs=4, max_model_len=512)
+        reqs = [Request(prompts[1], N_NEW, spec=spec(mode, k)),  # eos
+                Request(prompts[3], N_NEW, stop=[stop], spec=spec(mode, k)),  # stop string
+                Request(prompts[5], 7, spec=spec(mode, k)),  # budget, cut mid-round
+                Request(prompts[0], N_NEW, spec=spec(mode, k))]
+        res = list(run_to_completion(eng, reqs).values())
+        ids = [r[0] for r in res]
+        reasons = [r[2].finish_reason for r in res]
+        assert ids[0] == ar_reference(target, prompts[1])[: refs[1].index(eos) + 1] and reasons[0] == "eos"
+        assert ids[1] == ar_reference(target, prompts[3], stop=[stop]) and reasons[1] == "stop"
+        assert "".join(c.text for c in res[1][1]) == full[: full.find(stop)]
+        assert ids[2] == ar_reference(target, prompts[5], 7) and reasons[2] == "length"
+        assert [c.finish_reason for c in res[2][1]][-1] == "length"
+        rounds = {r[2].stats.rounds for r in res}
+        assert len(rounds) >= 2, "the rows should not all finish in the same round"
+
+
+def test_abort_mid_batch_frees_the_slot_and_the_others_stay_exact(tiny, prompts, refs):
+    eng = engine(tiny, "draft-random", slots=3)
+    ids = [eng.add(Request(p, N_NEW, spec=spec("sd", 2))) for p in prompts[:3]]
+    late = eng.add(Request(prompts[3], N_NEW, spec=spec("sd", 2)))  # waits for a slot
+    got = {i: [] for i in ids + [late]}
+    reasons = {}
+    for rnd in range(200):
+        if rnd == 3:
+            eng.abort(ids[1])
+            assert eng.trun.cache.num_free == 0  # takes effect at the next round boundary
+        for rid, chunk in eng.step():
+            got[rid].extend(chunk.token_ids)
+            if chunk.finish_reason:
+                reasons[rid] = chunk.finish_reason
+        if rnd == 3:
+            assert reasons[ids[1]] == "abort" and eng.scheduler.running[-1].id == late
+        if not eng.has_work():
+            break
+    assert reasons == {ids[0]: "length", ids[1]: "abort", ids[2]: "length", late: "length"}
+    assert got[ids[0]] == refs[0] and got[ids[2]] == refs[2] and got[late] == refs[3]
+    assert got[ids[1]] == refs[1][: len(got[ids[1]])] and len(got[ids[1]]) < N_NEW
+    assert eng.trun.cache.num_free == 3 and eng.drun.cache.num_free == 3 and not eng.seqs
+
+
+def test_k_0_skips_the_draft_and_the_draft_catches_up_when_speculation_resumes(tiny, prompts, refs):
+    from specserve.engine.scheduler import CostModel, LinearCost
+
+    costly = CostModel(LinearCost(1.0, 0.0), LinearCost(5.0, 0.0))  # drafting never pays
+    eng = engine(tiny, "draft-same", cost=costly, k_init=0)
+    ids = [eng.add(Request(p, N_NEW, spec=spec("sd"))) for p in prompts[:3]]
+    got = {i: [] for i in ids}
+    for _ in range(6):
+        for rid, chunk in eng.step():
+            got[rid].extend(chunk.token_ids)
+    assert eng.stats.draft_tokens == 0 and all(eng.drun.cache.length(eng.seqs[i].slot) == 0 for i in ids)
+    eng.policy.cost = CostModel(LinearCost(1.0, 0.0), LinearCost(0.01, 0.0))  # now it is nearly free
+    while eng.has_work():
+        for rid, chunk in eng.step():
+            got[rid].extend(chunk.token_ids)
+    assert [got[i] for i in ids] == refs[:3]
+    assert eng.policy.k > 0 and eng.stats.draft_tokens > 0 and eng.stats.accepted_tokens == eng.stats.draft_tokens
+
+
+def test_slot_cache_does_not_grow_over_200_requests(tiny):
+    eng = engine(tiny, "draft-random", slots=8, max_queue_len=256)
+    caches = (eng.trun.cache, eng.drun.cache)
+    before = [(c.storage_ids(), c.bytes) for c in caches]
+    g = torch.Generator().manual_seed(3)
+    reqs = [Request(torch.randint(3, 500, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist(),
+                    int(torch.randint(1, 6, (1,), generator=g)), spec=spec("sd" if i % 2 else "ar", 2))
+            for i in range(200)]
+    res = run_to_completion(eng, reqs)
+    assert len(res) == 200 and all(s.finish_reason == "length" for _, _, s in res.values())
+    assert [(c.storage_ids(), c.bytes) for c in caches] == before
+    assert eng.trun.cache.num_free == 8 and not eng.seqs
+    assert eng.stats.to_dict(eng)["mean_batch"] > 4
+
+
+def test_a_full_queue_raises_naming_the_limit(tiny, prompts):
+    eng = engine(tiny, None, slots=1, max_queue_len=2)
+    for _ in range(2):
+        eng.add(Request(prompts[0], 2, spec=spec("ar")))
+    with pytest.raises(QueueFull, match=r"queue full: 2 requests waiting \(max_queue_len\); retry later or raise"):
+        eng.add(Request(prompts[0], 2, spec=spec("ar")))
+    eng.step()  # one is admitted: room again
+    eng.add(Request(prompts[0], 2, spec=spec("ar")))
+
+
+def test_bad_requests_name_the_field_and_the_fix(tiny, prompts):
+    eng = engine(tiny, None, slots=1)
+    with pytest.raises(ValueError, match="prompt is 600 tokens but max_model_len is 512: shorten the prompt or raise"):
+        eng.add(Request([5] * 600, spec=spec("ar")))
+    with pytest.raises(ValueError, match="needs a draft model"):
+        eng.add(Request(prompts[0]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        eng.add(Request(prompts[0], 0, spec=spec("ar")))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
+        eng.add(Request([1, 9999], spec=spec("ar")))
+    with pytest.raises(ValueError, match="max_model_len is 4096 but the model's context window is 2048"):
+        Engine(tiny["target"], max_model_len=4096)
+    with pytest.raises(ValueError, match="mode must be ar or sd"):
+        SpeculationParams(mode="ssd")
+
+
+def test_other_families_run_through_the_serial_fallback_exactly():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                       eos_token_id=None)).eval()
+    lm = LM(model)
+    eng = Engine(lm, lm, max_num_seqs=3, max_model_len=128)
+    assert eng.capacity()["runner"] == "serial"
+    ps = [[1, 2, 3], [7], list(range(10, 40))]
+    res = run_to_completion(eng, [Request(p, 12, spec=spec("sd", 3)) for p in ps] + [Request(ps[0], 12, spec=spec("ar"))])
+    outs = [v[0] for v in res.values()]
+    assert outs == [ar_reference(lm, p, 12) for p in ps] + [ar_reference(lm, ps[0], 12)]
