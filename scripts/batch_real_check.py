@@ -15,7 +15,7 @@ import time
 import torch
 
 from specserve.engine.engine import Engine, run_to_completion
-from specserve.engine.models import load_model
+from specserve.engine.lm import load_model
 from specserve.engine.sequence import Request, SpeculationParams
 from specserve.engine.speculative import SpecConfig, generate
 

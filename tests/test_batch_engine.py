@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from specserve.engine.engine import Engine, run_to_completion
-from specserve.engine.models import LM, load_model
+from specserve.engine.lm import LM, load_model
 from specserve.engine.scheduler import QueueFull
 from specserve.engine.sequence import Request, SpeculationParams
 from specserve.engine.speculative import SpecConfig, generate

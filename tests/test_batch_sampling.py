@@ -6,11 +6,11 @@ from scipy.stats import chisquare
 
 import specserve.engine.engine as engine_mod
 from specserve.engine.engine import Engine, run_to_completion
-from specserve.engine.models import LM
+from specserve.engine.lm import LM
 from specserve.engine.sampling import (PLACEHOLDER, SamplingParams, batched_rejection_sample, rejection_sample, warp,
                                        warp_rows)
 from specserve.engine.sequence import Request, SpeculationParams
-from specserve.engine.tiny import tiny_model
+from specserve.models.tiny import tiny_model
 
 V = 6
 

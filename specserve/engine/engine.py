@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import LM, check_pair
+from .lm import LM, check_pair
 from .runner import make_runner
 from .sampling import batched_rejection_sample, warp_rows
 from .scheduler import CostModel, KPolicy, LinearCost, MeasuredCost, Scheduler

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .models import KVCache
+from .lm import KVCache
 from .slot_cache import SlotCache, SlotPool
 
 __all__ = ["Runner", "NativeRunner", "SerialRunner", "SerialCache", "make_runner", "native_supported"]
