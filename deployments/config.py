@@ -89,8 +89,26 @@ class TargetConfig(_Strict):
     """Chat sessions whose KV cache a replica keeps (least recently used ones are dropped)."""
     draft_timeout_s: float = Field(10.0, gt=0)
     """How long the target waits for a draft proposal before it finishes the sequence alone."""
+    max_num_seqs: int = Field(8, ge=1)
+    """Sequences the replica's batching engine decodes together (its KV slots): ar and sd requests
+    without a chat session share every draft and target forward."""
+    max_model_len: int = Field(2048, ge=16)
+    """Tokens one batched sequence may hold (prompt + new tokens); each slot preallocates this much KV
+    cache. A longer request runs on its own, unbatched."""
+    max_queue_len: int = Field(16, ge=0)
+    """Requests waiting for a free slot; one more gets RESOURCE_EXHAUSTED."""
     replicas: Replicas = Replicas()
-    """Scaling and resources of the target deployment."""
+    """Scaling and resources of the target deployment; `max_ongoing_requests` must let the engine
+    fill its batch (at least max_num_seqs; max_num_seqs + max_queue_len lets requests queue in it)."""
+
+    @model_validator(mode="after")
+    def _capacity(self):
+        if self.replicas.max_ongoing_requests < self.max_num_seqs:
+            raise ValueError(f"target.replicas.max_ongoing_requests ({self.replicas.max_ongoing_requests}) is "
+                             f"below target.max_num_seqs ({self.max_num_seqs}): the engine could never fill its "
+                             f"batch; raise max_ongoing_requests to at least {self.max_num_seqs} "
+                             f"({self.max_num_seqs + self.max_queue_len} lets requests queue in the engine)")
+        return self
 
 
 class DraftConfig(_Strict):

@@ -1,10 +1,12 @@
 """TargetDeployment: a Ray Serve replica that owns the target model and runs the verify loop.
 
-`generate(params)` streams chunk dicts. A request sent with `multiplexed_model_id=session_id`
-gets that session's KV cache: Serve's model multiplexing routes a session back to the replica
-that already holds it and drops least-recently-used caches (`target.session_cache_size`); any
-other replica re-prefills from the history the router sends. The blocking torch work runs in a
-thread pool, one step per round, so a cancelled request stops after its current round.
+`generate(params)` streams chunk dicts. Stateless ar and sd requests join the replica's batching
+engine (`target.max_num_seqs` sequences share every forward; `target.max_queue_len` more wait,
+beyond that RESOURCE_EXHAUSTED). A request sent with `multiplexed_model_id=session_id` gets that
+session's KV cache: Serve's model multiplexing routes a session back to the replica that already
+holds it and drops least-recently-used caches (`target.session_cache_size`); any other replica
+re-prefills from the history the router sends. Session turns and ssd run per sequence in a thread
+pool, one step per round. Either way a cancelled request stops after its current round.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import AsyncIterator
 
 from ray import serve
 
+from specserve.engine.engine import Engine
 from specserve.engine.lm import load_model
 from specserve.serving.api import GenParams
-from specserve.serving.replica import SessionCache, TargetReplica, rss_mb, stream_in_pool
+from specserve.serving.replica import SessionCache, TargetReplica, rss_mb
 
 from .config import DraftConfig, TargetConfig
 
@@ -41,7 +44,10 @@ class TargetDeployment:
                                quantize=d.quantize, tokenizer=False)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.draft = draft
-        self.replica_core = TargetReplica(target, local, cfg.draft_timeout_s, self.replica)
+        engine = Engine(target, local, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
+                        max_queue_len=cfg.max_queue_len)
+        log.info("target replica %s: batching engine %s", self.replica, engine.capacity())
+        self.replica_core = TargetReplica(target, local, cfg.draft_timeout_s, self.replica, engine)
         self.pool = ThreadPoolExecutor(max_workers=cfg.replicas.max_ongoing_requests + 1,
                                        thread_name_prefix="target")
         self.session_cache = serve.multiplexed(max_num_models_per_replica=cfg.session_cache_size)(
@@ -64,13 +70,14 @@ class TargetDeployment:
         session = await self.session_cache(sid) if sid else None
         if params.mode == "ssd":
             await self._ensure_draft()
-        async for chunk in stream_in_pool(self.replica_core.stream(params, session), self.pool):
+        async for chunk in self.replica_core.generate(params, session, self.pool):
             yield chunk
 
     async def stats(self) -> dict:
         """This replica: its id, the sequences streaming now, whether it holds a draft link, its RSS."""
-        return {"replica": self.replica, "active": self.replica_core.active, "draft": self.replica_core.has_draft,
-                "rss_mb": round(rss_mb(), 1)}
+        core = self.replica_core
+        return {"replica": self.replica, "active": core.active, "draft": core.has_draft, "rss_mb": round(rss_mb(), 1),
+                "engine": core.loop.engine.stats.to_dict(core.loop.engine)}
 
     def __del__(self):
         core = getattr(self, "replica_core", None)

@@ -33,7 +33,7 @@ def app(tiny_dir):
     from deployments.config import Replicas
 
     cfg = {
-        "target": {"model": str(tiny_dir / "target"), "threads": 1, "local_draft": False,
+        "target": {"model": str(tiny_dir / "target"), "threads": 1, "local_draft": False, "max_num_seqs": 4,
                    "replicas": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                 "max_ongoing_requests": 4, "upscale_delay_s": 1.0, "downscale_delay_s": 3.0,
                                 "num_cpus": 0.5}},

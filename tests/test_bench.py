@@ -56,3 +56,48 @@ def test_prompt_sets(tmp_path):
         load_prompts(str(f), 1)
     with pytest.raises(ValueError, match="--prompts"):
         load_prompts("nope.jsonl", 1)
+
+
+def test_bench_concurrency_levels_through_the_engine(tiny_dir, tmp_path, capsys):
+    out, png = tmp_path / "c.json", tmp_path / "c.png"
+    rc = main(["bench", "--target", str(tiny_dir / "target"), "--draft", str(tiny_dir / "draft-same"),
+               "--draft-quantize", "none", "--threads", "1", "--prompts", "chat", "--n", "4",
+               "--max-new-tokens", "12", "--modes", "ar,sd,hf-assisted", "--concurrency", "1,3", "--k", "3",
+               "--out", str(out), "--plot", str(png)])
+    table = capsys.readouterr().out
+    assert rc == 0 and "| sd@3 |" in table and "| hf-assisted@3 (sequential) |" in table
+    res = json.loads(out.read_text())
+    summ = res["summary"]
+    assert {"ar@1", "sd@1", "ar@3", "sd@3", "hf-assisted@1", "hf-assisted@3", "ar", "sd"} <= set(summ)
+    for key in ("sd@1", "ar@3", "sd@3", "hf-assisted@3"):
+        assert summ[key]["mismatches"] == 0, (key, summ[key]["mismatch_detail"])
+        assert summ[key]["new_tokens"] == 4 * 12 and summ[key]["aggregate_tokens_per_s"] > 0
+    # a fixed --k drafts exactly k (the budget aside); a draft equal to the target accepts all of it
+    assert summ["sd@3"]["acceptance_rate"] == 1.0 and 2 < summ["sd@3"]["mean_k"] <= 3 and summ["sd"] == summ["sd@1"]
+    assert summ["ar@3"]["mean_batch"] > 1.5 and summ["ar@1"]["mean_batch"] == 1.0
+    assert summ["hf-assisted@3"]["sequential"] and "sequential" not in summ["ar@3"]
+    sd = [r for r in res["records"] if r["mode"] == "sd"]  # the C = 1 traces, for `specserve simulate`
+    assert len(sd) == 4 and all(len(r["drafted_per_round"]) == r["rounds"] for r in sd)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_concurrency_reports_a_mismatch_with_its_logit_gap(tiny, monkeypatch):
+    import specserve.tools.bench_batch as bb
+
+    real = bb._run_level
+
+    def broken(engine, encoded, mode, C, *a):
+        recs, wall, delta = real(engine, encoded, mode, C, *a)
+        if (mode, C) == ("ar", 2):
+            recs[0]["token_ids"][2] += 1
+        return recs, wall, delta
+
+    monkeypatch.setattr(bb, "_run_level", broken)
+    target = tiny["target"]
+    encoded = [(p, target.encode(p.text)) for p in load_prompts("chat", 2)]
+    res = bb.run_levels(target, None, encoded, ["ar"], [2], 6, progress=False, warmup=False)
+    d = res["summary"]["ar@2"]
+    assert d["mismatches"] == 1 and d["mismatch_detail"][0]["at"] == 2
+    assert d["mismatch_detail"][0]["top2_logit_gap"] >= 0
+    with pytest.raises(ValueError, match="ssd"):
+        bb.run_levels(target, None, encoded, ["ssd"], [2], 6, progress=False)

@@ -13,11 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from specserve.engine.engine import Engine
 from specserve.engine.speculative import SpecConfig, generate
 from specserve.pipeline.draft_server import serve as serve_draft
 from specserve.serving.api import ApiError, GenParams, Limits, parse_generate, pb, stats_message
 from specserve.serving.router import RouterCore
-from specserve.serving.replica import SessionCache, TargetReplica, stream_in_pool
+from specserve.serving.replica import SessionCache, TargetReplica
 from specserve.sessions import MemorySessionStore, RedisSessionStore
 
 PROMPTS = ["def add(a, b):", "The quick brown fox"]
@@ -32,7 +33,8 @@ def draft_server(tiny):
 
 @pytest.fixture(scope="module")
 def replica(tiny, draft_server):
-    w = TargetReplica(tiny["target"], tiny["draft-same"], draft_timeout=10.0, replica="r0")
+    engine = Engine(tiny["target"], tiny["draft-same"], max_num_seqs=4, max_model_len=256, max_queue_len=8)
+    w = TargetReplica(tiny["target"], tiny["draft-same"], draft_timeout=10.0, replica="r0", engine=engine)
     w.connect_draft(draft_server.address)
     yield w
     w.close()
@@ -50,7 +52,7 @@ def local_target(replica, pool, caches: dict, fail_after: list | None = None):
     async def call(p: GenParams, sid: str):
         session = caches.setdefault(sid, SessionCache()) if sid else None
         n = 0
-        async for chunk in stream_in_pool(replica.stream(p, session), pool):
+        async for chunk in replica.generate(p, session, pool):
             if fail_after and n == fail_after[0]:
                 raise ConnectionError("replica died")
             n += 1
@@ -97,6 +99,47 @@ def test_generate_is_exact_in_every_mode(tiny, replica, pool, mode):
         assert all(not c.HasField("stats") for c in chunks[:-1]) and chunks[-1].stats.new_tokens == 24
     if mode == pb.MODE_SSD:
         assert reply.stats.cache_hits > 0 and not reply.stats.fallback
+
+
+def test_concurrent_requests_share_the_engine_and_stay_exact(tiny, replica, pool):
+    """ar and sd requests without a session are batched: one engine round serves several of them."""
+    core = RouterCore(MemorySessionStore(), local_target(replica, pool, {}))
+    texts = PROMPTS * 3
+    for mode in (pb.MODE_AR, pb.MODE_SD):
+        before = dict(vars(replica.loop.engine.stats))
+
+        async def many():
+            reqs = [pb.GenerateRequest(prompt=t, max_tokens=20, speculation=pb.SpeculationParams(mode=mode))
+                    for t in texts]
+            return await asyncio.gather(*(core.generate(r) for r in reqs))
+
+        replies = run(many())
+        for text, reply in zip(texts, replies):
+            assert list(reply.token_ids) == ar_ids(tiny, text, 20), (mode, text)
+        st = replica.loop.engine.stats
+        rounds, rows = st.rounds - before["rounds"], st.row_rounds - before["row_rounds"]
+        assert rows / rounds > 1.5, (rows, rounds)  # they really shared forwards
+    assert replica.active == 0
+
+
+def test_a_full_engine_queue_is_resource_exhausted_naming_the_limit(tiny, pool):
+    engine = Engine(tiny["target"], None, max_num_seqs=1, max_model_len=128, max_queue_len=1, probe=False)
+    w = TargetReplica(tiny["target"], None, replica="small", engine=engine)
+    core = RouterCore(MemorySessionStore(), local_target(w, pool, {}))
+
+    async def flood():
+        ar = pb.SpeculationParams(mode=pb.MODE_AR)
+        reqs = [core.generate(pb.GenerateRequest(prompt=PROMPTS[0], max_tokens=40, speculation=ar)) for _ in range(5)]
+        return await asyncio.gather(*reqs, return_exceptions=True)
+
+    try:
+        out = run(flood())
+    finally:
+        w.close()
+    full = [e for e in out if isinstance(e, ApiError)]
+    assert full and all(e.code == "RESOURCE_EXHAUSTED" and "max_queue_len" in e.message for e in full), out
+    done = [r for r in out if not isinstance(r, Exception)]
+    assert done and all(list(r.token_ids) == ar_ids(tiny, PROMPTS[0], 40) for r in done)
 
 
 def test_ssd_without_a_draft_runs_ar_and_says_why(tiny, pool):
@@ -256,6 +299,25 @@ def test_failures_before_the_first_chunk_are_retried(replica, pool):
     core = RouterCore(MemorySessionStore(), flaky, retries=2)
     reply = run(core.generate(pb.GenerateRequest(prompt="hi", max_tokens=4)))
     assert len(calls) == 3 and len(reply.token_ids) == 4
+
+
+def test_a_cancelled_batched_stream_frees_its_slot(replica, pool):
+    core = RouterCore(MemorySessionStore(), local_target(replica, pool, {}))
+    req = pb.GenerateRequest(prompt=PROMPTS[0], max_tokens=200, speculation=pb.SpeculationParams(mode=pb.MODE_AR))
+
+    async def cancel_early():
+        agen = core.generate_stream(req)
+        await agen.__anext__()
+        assert replica.active == 1 and replica.loop.engine.has_work()
+        await agen.aclose()
+
+    run(cancel_early())
+    for _ in range(50):
+        if replica.active == 0 and not replica.loop.engine.has_work():
+            break
+        threading.Event().wait(0.1)
+    engine = replica.loop.engine
+    assert replica.active == 0 and not engine.has_work() and engine.trun.cache.num_free == engine.trun.cache.slots
 
 
 def test_cancelled_stream_frees_target_and_draft(replica, pool, draft_server):

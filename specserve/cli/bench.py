@@ -19,6 +19,10 @@ def register(sub) -> None:
     b.add_argument("--out", default=None, help="write the full results (records, traces) as JSON")
     b.add_argument("--plot", default=None, help="write a PNG: tokens/s per mode and the acceptance histogram")
     b.add_argument("--no-warmup", action="store_true")
+    b.add_argument("--concurrency", default=None,
+                   help="comma-separated levels, e.g. 1,8: run ar and sd (and hf-assisted, one request after "
+                        "another) with C prompts at a time through the batching engine; the summary gets "
+                        "mode@C entries (plain mode entries are then the C = 1 ones)")
     add_ssd_flags(b)
     add_sampling_flags(b)
     b.set_defaults(seed=0, func=cmd_bench)
@@ -43,6 +47,8 @@ def cmd_bench(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     modes = split_modes(args.modes)
+    if args.concurrency is not None:
+        return _bench_levels(args, sp, prompts, modes)
     fanout = parse_fanout(args.fanout)
     ssd = any(m.startswith("ssd") for m in modes)
     worker, threads, address = None, args.threads, args.draft_address
@@ -69,6 +75,41 @@ def cmd_bench(args) -> int:
     write_json(args.out, result)
     if args.plot:
         plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--concurrency: give comma-separated levels like 1,8, got {text!r}") from None
+    if not levels or any(c < 1 for c in levels):
+        raise UsageError(f"--concurrency: levels must be >= 1, got {text!r}")
+    return levels
+
+
+def _bench_levels(args, sp, prompts, modes) -> int:
+    """`bench --concurrency`: the batched modes at each level, through one engine."""
+    from ..tools.bench_batch import format_levels, run_levels
+
+    levels = _levels(args.concurrency)
+    target, draft = load_pair(args, args.draft, args.threads)
+    encoded = [(p, target.encode(p.text, p.chat)) for p in prompts]
+    try:
+        result = run_levels(target, draft, encoded, modes, levels, args.max_new_tokens, sp, args.k, args.seed,
+                            warmup=not args.no_warmup)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(format_levels(result["summary"]))
+    for m, d in result["summary"].items():
+        if d.get("mismatches"):
+            print(f"MISMATCH {m}: {d['mismatch_detail']}", file=sys.stderr)
+    write_json(args.out, result)
+    if args.plot:
+        from ..tools.bench_batch import plot_levels
+
+        plot_levels(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 

@@ -1,7 +1,7 @@
 """A target replica's engine loop: one thread steps the batching engine, requests stream back.
 
-    loop = EngineLoop(engine)                # starts the loop thread
-    async for chunk in loop.stream(request): # from any asyncio event loop
+    loop = EngineLoop(engine)                        # starts the loop thread
+    async for chunk, stats in loop.stream(request):  # from any asyncio event loop; stats on the last
         ...
     loop.close()
 
@@ -21,23 +21,15 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 from ..engine.engine import Engine
 from ..engine.sequence import Request
 from ..engine.speculative import Chunk, Stats
 
-__all__ = ["EngineLoop", "Finished"]
+__all__ = ["EngineLoop"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Finished:
-    """The last item of a request's stream: its stats (the final Chunk came just before)."""
-
-    stats: Stats
 
 
 class _Waiter:
@@ -83,8 +75,8 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ the event loop's side
 
-    async def stream(self, request: Request) -> AsyncIterator[Chunk | Finished]:
-        """The request's chunks (one per round), then `Finished(stats)`. Raises what `Engine.add` raises."""
+    async def stream(self, request: Request) -> AsyncIterator[tuple[Chunk, Stats | None]]:
+        """(chunk, None) per round, the last with the request's Stats. Raises what `Engine.add` raises."""
         if self._closed:
             raise RuntimeError("the engine loop is closed")
         waiter = _Waiter(asyncio.get_running_loop())
@@ -99,8 +91,7 @@ class EngineLoop:
                 item = await waiter.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                if isinstance(item, Finished):
-                    done = True
+                done = item[1] is not None
                 yield item
                 if done:
                     return
@@ -148,10 +139,11 @@ class EngineLoop:
         waiter = self._waiters.get(rid)
         if waiter is None:
             return
-        if chunk.finish_reason != "abort":
-            waiter.put(chunk)
+        if chunk.finish_reason == "abort":  # its consumer is gone (that is why it was aborted)
+            del self._waiters[rid]
+            return
+        waiter.put((chunk, waiter.seq.stats if chunk.finish_reason else None))
         if chunk.finish_reason:
-            waiter.put(Finished(waiter.seq.stats))
             del self._waiters[rid]
 
     def _fail_all(self, e: BaseException) -> None:

@@ -1,15 +1,23 @@
 """A target replica's work, without Ray: run validated generations on one target model.
 
-`TargetReplica.stream(params, session)` is a plain generator of chunk dicts, one per round:
-  1. encode    -- text, chat message or a session's whole history -> prompt token ids
-  2. reuse     -- a session's KV cache keeps the longest common prefix with the new prompt
-  3. draft     -- ar: none; sd: the draft in this process; ssd: a RemoteDrafter on the shared
-                  DraftClient stream (no draft reachable -> the request runs as ar, and says so)
-  4. generate  -- the engine's loop; the last chunk carries the stats
-  5. keep      -- the session cache is left holding prompt + output (for the next turn)
+`TargetReplica.generate(params, session, pool)` is an async iterator of chunk dicts, one per
+round ({token_ids, text, finish_reason}, the last with the stats). A request runs one of two ways:
 
-Many requests may stream at once from different threads: each has its own caches, and they share
-the read-only models and one DraftClient (which multiplexes sequences on one gRPC stream).
+* **batched** (ar and sd without a chat session, when the replica has an `Engine`): it joins the
+  engine loop (engine_loop.py), where every running sequence shares each draft and target
+  forward; a full engine queue is RESOURCE_EXHAUSTED, a cancelled consumer frees its slot.
+* **per sequence** (`stream`, on a thread of `pool`): ssd (its draft worker speculates per
+  sequence), chat sessions (their KV prefix lives in the session's own cache) and requests longer
+  than the engine's `max_model_len`:
+    1. encode    -- text, chat message or a session's whole history -> prompt token ids
+    2. reuse     -- a session's KV cache keeps the longest common prefix with the new prompt
+    3. draft     -- ar: none; sd: the draft in this process; ssd: a RemoteDrafter on the shared
+                    DraftClient stream (no draft reachable -> the request runs as ar, and says so)
+    4. generate  -- the engine's per-sequence loop; the last chunk carries the stats
+    5. keep      -- the session cache is left holding prompt + output (for the next turn)
+
+Per-sequence requests stream from their own threads with their own caches; every path shares the
+read-only models, and one DraftClient multiplexes the ssd sequences on one gRPC stream.
 This module does not know Ray, the public gRPC API or where sessions are stored.
 """
 
@@ -23,12 +31,16 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
+from ..engine.engine import Engine
 from ..engine.lm import LM, KVCache
 from ..engine.sampling import SamplingParams
+from ..engine.scheduler import QueueFull
+from ..engine.sequence import Request, SpeculationParams
 from ..engine.speculative import SpecConfig, Stats, generate
 from ..pipeline.drafters import make_drafter
 from ..pipeline.remote_drafter import DraftClient
 from .api import ApiError, GenParams
+from .engine_loop import EngineLoop
 
 __all__ = ["TargetReplica", "SessionCache", "stream_in_pool", "rss_mb"]
 
@@ -68,17 +80,24 @@ class TargetReplica:
     """The target model of one replica, with an optional in-process draft and a draft link.
 
     The link is made by `connect_draft(address)`; while there is none, ssd requests run as ar and
-    their stats say `draft_error` (set it to why the last attempt to link failed).
+    their stats say `draft_error` (set it to why the last attempt to link failed). With an
+    `engine` (built over the same target and local draft), ar and sd requests are batched.
     """
 
     def __init__(self, target: LM, local_draft: LM | None = None, draft_timeout: float = 10.0,
-                 replica: str = ""):
+                 replica: str = "", engine: Engine | None = None):
         self.target, self.local_draft = target, local_draft
         self.draft_timeout, self.replica = draft_timeout, replica
         self.draft_error = "this replica has no draft deployment"
         self._client: DraftClient | None = None
         self._lock = threading.Lock()
-        self.active = 0  # sequences streaming right now (tests watch cancellation through this)
+        self._streaming = 0  # per-sequence requests running now
+        self.loop = EngineLoop(engine) if engine is not None else None
+
+    @property
+    def active(self) -> int:
+        """Requests running or queued now, both ways (tests watch cancellation through this)."""
+        return self._streaming + (self.loop.active if self.loop is not None else 0)
 
     # ------------------------------------------------------------------ draft link
 
@@ -132,17 +151,50 @@ class TargetReplica:
                                                f"{self.target.max_len}: shorten it (or start a new session)")
         return ids
 
+    def _check_mode(self, p: GenParams) -> None:
+        if p.mode == "sd" and self.local_draft is None:
+            raise ApiError("FAILED_PRECONDITION", "speculation.mode sd needs a draft inside the target "
+                                                  "replica (target.local_draft in the config): use ssd or ar")
+
+    def _stats(self, st: Stats, mode: str, fallback: str = "") -> dict:
+        d = st.to_dict()
+        d.update(mode=mode, replica=self.replica, fallback=st.fallback or fallback)
+        return d
+
+    async def generate(self, p: GenParams, session: SessionCache | None, pool: Executor) -> AsyncIterator[dict]:
+        """Run one generation, batched when it can be (see the module docstring)."""
+        self._check_mode(p)
+        if self.loop is None or session is not None or p.mode not in ("ar", "sd"):
+            async for msg in stream_in_pool(self.stream(p, session), pool):
+                yield msg
+            return
+        ids = self.encode(p)
+        if len(ids) + p.max_tokens > self.loop.engine.max_model_len:  # too long to batch: on its own
+            async for msg in stream_in_pool(self.stream(p, session), pool):
+                yield msg
+            return
+        req = Request(ids, p.max_tokens, SamplingParams(p.temperature, p.top_k, p.top_p), p.seed, p.stop,
+                      SpeculationParams(p.mode, p.k))
+        try:
+            async for chunk, st in self.loop.stream(req):
+                msg = {"token_ids": chunk.token_ids, "text": chunk.text, "finish_reason": chunk.finish_reason}
+                if st is not None:
+                    msg["stats"] = self._stats(st, p.mode)
+                yield msg
+        except QueueFull as e:
+            raise ApiError("RESOURCE_EXHAUSTED", f"{e}: the target replica is at capacity") from None
+        except ValueError as e:  # the engine's own checks
+            raise ApiError("INVALID_ARGUMENT", str(e)) from None
+
     def stream(self, p: GenParams, session: SessionCache | None = None) -> Iterator[dict]:
-        """Run one generation; yield {token_ids, text, finish_reason, stats (last chunk only)}."""
+        """Run one generation on its own; yield {token_ids, text, finish_reason, stats (last chunk only)}."""
+        self._check_mode(p)
         ids = self.encode(p)
         sp = SamplingParams(p.temperature, p.top_k, p.top_p)
         st = Stats()
         mode, fallback = p.mode, ""
         with self._lock:
             client = self._client
-        if mode == "sd" and self.local_draft is None:
-            raise ApiError("FAILED_PRECONDITION", "speculation.mode sd needs a draft inside the target "
-                                                  "replica (target.local_draft in the config): use ssd or ar")
         if mode == "ssd" and client is None:  # no draft reachable: run as ar, say why
             mode, fallback = "ar", self.draft_error
         spec = SpecConfig(mode=mode, k=p.k)
@@ -152,21 +204,19 @@ class TargetReplica:
         kv = session.prefix_for(self.target, ids) if session is not None else None  # 2. reuse
         out: list[int] = []
         with self._lock:
-            self.active += 1
+            self._streaming += 1
         try:
             for chunk in generate(self.target, draft, ids, p.max_tokens, sp, spec, p.seed, p.stop, st, kv):  # 4.
                 out += chunk.token_ids
                 msg = {"token_ids": chunk.token_ids, "text": chunk.text, "finish_reason": chunk.finish_reason}
                 if chunk.finish_reason:
-                    d = st.to_dict()
-                    d.update(mode=mode, replica=self.replica, fallback=st.fallback or fallback)
-                    msg["stats"] = d
+                    msg["stats"] = self._stats(st, mode, fallback)
                 yield msg
         except ValueError as e:  # the engine's own checks (a bad token id, ...)
             raise ApiError("INVALID_ARGUMENT", str(e)) from None
         finally:
             with self._lock:
-                self.active -= 1
+                self._streaming -= 1
             if st.fallback and client is not None and not client.alive():
                 self.drop_draft(client)  # the draft is gone (not merely slow): ask for a new one next time
             if session is not None and kv is not None:  # 5. keep prompt + output for the next turn
@@ -176,6 +226,8 @@ class TargetReplica:
 
     def close(self) -> None:
         self.drop_draft()
+        if self.loop is not None:
+            self.loop.close()
 
 
 def _close_after(step: Future, it: Iterator) -> None:

@@ -25,7 +25,7 @@ from ..engine.lm import LM
 from ..engine.sampling import SamplingParams
 from ..engine.sequence import Request, SpeculationParams
 
-__all__ = ["BATCH_MODES", "run_levels", "logit_gap", "format_levels"]
+__all__ = ["BATCH_MODES", "run_levels", "logit_gap", "format_levels", "plot_levels"]
 
 BATCH_MODES = ("ar", "sd", "hf-assisted")
 
@@ -68,6 +68,8 @@ def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: Sam
                                 "new_tokens": st.new_tokens, "elapsed_s": st.elapsed_s, "rounds": st.rounds,
                                 "draft_tokens": st.draft_tokens, "accepted_tokens": st.accepted_tokens,
                                 "tokens_per_s": st.new_tokens / st.elapsed_s if st.elapsed_s > 0 else 0.0,
+                                "drafted_per_round": st.drafted_per_round,  # traces for `specserve simulate`
+                                "accepted_per_round": st.accepted_per_round, "hit_per_round": [0] * st.rounds,
                                 "token_ids": toks})
                 del live[rid]
     wall = time.perf_counter() - t0
@@ -89,8 +91,11 @@ def _run_hf_sequential(target, draft, encoded, C, max_new, sp, seed) -> tuple[li
 
 def run_levels(target: LM, draft: LM | None, encoded, modes: list[str], levels: list[int], max_new: int,
                sampling: SamplingParams | None = None, k: int | None = None, seed: int = 0,
-               engine: Engine | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Every mode at every level; returns (summary {"mode@C": {...}}, records)."""
+               engine: Engine | None = None, progress: bool = True, warmup: bool = True) -> dict:
+    """Every mode at every level: {"config", "summary" {"mode@C": {...}, "mode": its C = 1 entry}, "records"}.
+
+    The records of C = 1 also appear under the plain mode name, so `specserve simulate` replays them.
+    """
     from tqdm import tqdm
 
     sp = sampling or SamplingParams()
@@ -105,6 +110,8 @@ def run_levels(target: LM, draft: LM | None, encoded, modes: list[str], levels: 
         levels = sorted(set(levels) | {1})
     engine = engine or Engine(target, draft, max_num_seqs=max(levels),
                               max_model_len=max(len(ids) for _, ids in encoded) + max_new + 1)
+    if warmup:  # the first forwards of a process are slow (allocation, kernel selection)
+        _run_level(engine, encoded[:1], modes[0] if modes[0] != "hf-assisted" else "ar", 1, min(8, max_new), sp, k, seed)
     summary, records = {}, []
     runs = [(m, c) for c in sorted(levels) for m in modes]
     for m, c in tqdm(runs, desc="bench --concurrency", unit="level", disable=not progress):
@@ -116,7 +123,15 @@ def run_levels(target: LM, draft: LM | None, encoded, modes: list[str], levels: 
         records += recs
     if sp.greedy:
         _check(summary, records, target, dict((p.id, ids) for p, ids in encoded))
-    return summary, records
+    for m in modes:  # the plain entries are the C = 1 ones
+        if f"{m}@1" in summary:
+            summary[m] = summary[f"{m}@1"]
+            records += [dict(r, mode=m) for r in records if r["mode"] == f"{m}@1"]
+    return {"config": {"target": target.describe(), "draft": draft.describe() if draft else None, "modes": modes,
+                       "concurrency": sorted(levels), "prompts": len(encoded), "max_new_tokens": max_new,
+                       "temperature": sp.temperature, "k": k, "seed": seed, "threads": torch.get_num_threads(),
+                       "engine": engine.capacity()},
+            "summary": summary, "records": records}
 
 
 def _summarize(recs: list[dict], wall: float, delta: dict, sequential: bool) -> dict:
@@ -137,7 +152,7 @@ def _summarize(recs: list[dict], wall: float, delta: dict, sequential: bool) -> 
 def _check(summary: dict, records: list[dict], target: LM, prompts: dict[str, list[int]]) -> None:
     ref = {r["prompt_id"]: r["token_ids"] for r in records if r["mode"] == "ar@1"}
     for key, d in summary.items():
-        if key == "ar@1":
+        if key == "ar@1" or "@" not in key:
             continue
         bad = []
         for r in (x for x in records if x["mode"] == key):
@@ -149,12 +164,39 @@ def _check(summary: dict, records: list[dict], target: LM, prompts: dict[str, li
         d["mismatch_detail"] = bad
 
 
+def plot_levels(result: dict, path) -> None:
+    """Aggregate tokens/s against concurrency, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = result["summary"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in result["config"]["modes"]:
+        pts = sorted((int(key.split("@")[1]), d["aggregate_tokens_per_s"]) for key, d in summ.items()
+                     if key.startswith(f"{m}@"))
+        ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", label=m)
+        for c, v in pts:
+            ax.annotate(f"{v:.1f}", (c, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("concurrent requests (C)")
+    ax.set_ylabel("aggregate new tokens/s")
+    cfg = result["config"]
+    ax.set_title(f"{cfg['target']['name']} / {cfg['draft']['name'] if cfg['draft'] else '-'}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def format_levels(summary: dict) -> str:
     """A markdown table of the `mode@C` entries, with each level's ratio to ar at the same level."""
     rows = ["| mode@C | aggregate tok/s | vs ar@C | vs ar@1 | tok/s per request (median) | acceptance | mean k "
             "| mean batch | mismatches |", "|---|---|---|---|---|---|---|---|---|"]
     ar1 = summary.get("ar@1", {}).get("aggregate_tokens_per_s")
     for key, d in summary.items():
+        if "@" not in key:
+            continue
         c = key.split("@")[1]
         arc = summary.get(f"ar@{c}", {}).get("aggregate_tokens_per_s")
         agg = d["aggregate_tokens_per_s"]
