@@ -142,6 +142,38 @@ def test_a_full_engine_queue_is_resource_exhausted_naming_the_limit(tiny, pool):
     assert done and all(list(r.token_ids) == ar_ids(tiny, PROMPTS[0], 40) for r in done)
 
 
+def test_a_failing_engine_round_fails_its_requests_and_the_loop_goes_on(tiny, monkeypatch):
+    from specserve.engine.sequence import Request, SpeculationParams
+    from specserve.serving.engine_loop import EngineLoop
+
+    engine = Engine(tiny["target"], None, max_num_seqs=2, max_model_len=128, probe=False)
+    loop = EngineLoop(engine)
+    ids = tiny["target"].encode(PROMPTS[0])
+
+    async def one():
+        req = Request(ids, 8, spec=SpeculationParams("ar"))
+        return [t async for chunk, _ in loop.stream(req) for t in chunk.token_ids]
+
+    real, calls = engine.step, []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a forward failed")
+        return real()
+
+    monkeypatch.setattr(engine, "step", failing)
+    try:
+        with pytest.raises(RuntimeError, match="a forward failed"):
+            run(one())
+        assert run(one()) == ar_ids(tiny, PROMPTS[0], 8)  # the slot was freed, the next request runs
+        assert engine.trun.cache.num_free == 2
+    finally:
+        loop.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        run(one())
+
+
 def test_ssd_without_a_draft_runs_ar_and_says_why(tiny, pool):
     w = TargetReplica(tiny["target"], None, replica="solo")
     core = RouterCore(MemorySessionStore(), local_target(w, pool, {}))

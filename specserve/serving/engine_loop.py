@@ -40,7 +40,10 @@ class _Waiter:
         self.seq = None  # the engine's Sequence once admitted (its stats outlive the engine's record)
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # its event loop has closed: nobody is listening any more
+            pass
 
 
 class EngineLoop:
@@ -119,10 +122,10 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._closed:
+            self._wake.clear()  # before draining: a request added after the drain sets it again
             self._drain()
             if not self.engine.has_work():
                 self._wake.wait(self._idle_s)
-                self._wake.clear()
                 continue
             try:
                 events = self.engine.step()
