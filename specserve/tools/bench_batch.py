@@ -47,7 +47,7 @@ def logit_gap(target: LM, prompt_ids: list[int], out_ids: list[int], at: int) ->
 
 
 def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: SamplingParams,
-               k: int | None, seed: int) -> tuple[list[dict], float, dict]:
+               k: int | None, seed: int, bar=None) -> tuple[list[dict], float, dict]:
     """All prompts through the engine, C at a time; returns (records, wall seconds, engine stats delta)."""
     before = dict(vars(engine.stats))
     pending = list(enumerate(encoded))
@@ -72,12 +72,15 @@ def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: Sam
                                 "accepted_per_round": st.accepted_per_round, "hit_per_round": [0] * st.rounds,
                                 "token_ids": toks})
                 del live[rid]
+                if bar is not None:
+                    bar.set_postfix_str(f"{mode}@{C} {p.id} {records[-1]['tokens_per_s']:.2f} tok/s")
+                    bar.update(1)
     wall = time.perf_counter() - t0
     delta = {key: v - before[key] for key, v in vars(engine.stats).items()}
     return records, wall, delta
 
 
-def _run_hf_sequential(target, draft, encoded, C, max_new, sp, seed) -> tuple[list[dict], float, dict]:
+def _run_hf_sequential(target, draft, encoded, C, max_new, sp, seed, bar=None) -> tuple[list[dict], float, dict]:
     from .bench import run_one
 
     records, t0 = [], time.perf_counter()
@@ -86,6 +89,8 @@ def _run_hf_sequential(target, draft, encoded, C, max_new, sp, seed) -> tuple[li
         records.append({"prompt_id": p.id, "mode": f"hf-assisted@{C}", "prompt_tokens": len(ids),
                         "new_tokens": r.new_tokens, "elapsed_s": r.elapsed_s, "rounds": 0, "draft_tokens": 0,
                         "accepted_tokens": 0, "tokens_per_s": r.tokens_per_s, "token_ids": r.token_ids})
+        if bar is not None:
+            bar.update(1)
     return records, time.perf_counter() - t0, {}
 
 
@@ -114,13 +119,15 @@ def run_levels(target: LM, draft: LM | None, encoded, modes: list[str], levels: 
         _run_level(engine, encoded[:1], modes[0] if modes[0] != "hf-assisted" else "ar", 1, min(8, max_new), sp, k, seed)
     summary, records = {}, []
     runs = [(m, c) for c in sorted(levels) for m in modes]
-    for m, c in tqdm(runs, desc="bench --concurrency", unit="level", disable=not progress):
+    bar = tqdm(total=len(runs) * len(encoded), desc="bench --concurrency", unit="request", disable=not progress)
+    for m, c in runs:
         if m == "hf-assisted":
-            recs, wall, delta = _run_hf_sequential(target, draft, encoded, c, max_new, sp, seed)
+            recs, wall, delta = _run_hf_sequential(target, draft, encoded, c, max_new, sp, seed, bar)
         else:
-            recs, wall, delta = _run_level(engine, encoded, m, c, max_new, sp, k, seed)
+            recs, wall, delta = _run_level(engine, encoded, m, c, max_new, sp, k, seed, bar)
         summary[f"{m}@{c}"] = _summarize(recs, wall, delta, sequential=m == "hf-assisted" and c > 1)
         records += recs
+    bar.close()
     if sp.greedy:
         _check(summary, records, target, dict((p.id, ids) for p, ids in encoded))
     for m in modes:  # the plain entries are the C = 1 ones
