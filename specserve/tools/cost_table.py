@@ -71,7 +71,8 @@ class CostTable:
             points = {}
             for k, ms in table.items():
                 if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms <= 0:
-                    raise ValueError(f"{model}[{k!r}] must be a number of milliseconds > 0, got {ms!r}: fix it or {FIX}")
+                    raise ValueError(f"{model}[{k!r}] must be a number of milliseconds > 0, got {ms!r}: "
+                                     f"fix it or {FIX}")
                 points[_parse_key(model, k)] = float(ms)
             rows = sorted({r for r, _ in points})
             tokens = sorted({t for _, t in points})

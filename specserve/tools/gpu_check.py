@@ -122,7 +122,8 @@ def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) ->
                                            max_new_tokens=n_new, timeout=60)
                     _same(run(drafter, p, "ssd", stats=st), r, f"ssd prompt {i}")
                     if st.fallback:
-                        raise AssertionError(f"ssd prompt {i} fell back to ar ({st.fallback}): the ssd path did not run")
+                        raise AssertionError(f"ssd prompt {i} fell back to ar ({st.fallback}): "
+                                             "the ssd path did not run")
             return f"speculation cache hits {server.servicer.stats()['hits']}"
         finally:
             server.stop(grace=None)
