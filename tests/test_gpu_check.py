@@ -57,3 +57,11 @@ def test_refusals_name_the_flag(capsys):
 def test_cuda_without_a_gpu_fails_saying_so(capsys):
     assert main(["--device", "cuda"]) == 1
     assert "sees no CUDA GPU" in capsys.readouterr().out
+
+
+def test_a_mismatch_names_the_token_and_the_targets_logit_gap(tiny):
+    from specserve.tools.gpu_check import _same
+
+    _same([1, 2, 3], [1, 2, 3], "equal")
+    with pytest.raises(AssertionError, match=r"x: differs from its ar run at new token 2 .*top-2 logit gap"):
+        _same([1, 2, 3], [1, 2, 4], "x", tiny["target"], [5, 6])

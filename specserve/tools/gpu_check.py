@@ -49,11 +49,17 @@ class Report:
         return 1 if failed else 0
 
 
-def _same(got: list[int], ref: list[int], what: str) -> None:
+def _same(got: list[int], ref: list[int], what: str, target=None, prompt=None) -> None:
+    """Raise naming the first differing token; with the target, say how close its top two logits were there
+    (a gap near 1e-6 is a near-tie that kernels of other shapes may break either way, not a logic error)."""
     if got != ref:
         i = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+        gap = ""
+        if target is not None:
+            top = target.new_cache().forward(list(prompt) + ref[:i], keep=1)[-1].topk(2).values
+            gap = f"; the target's top-2 logit gap there is {float(top[0] - top[1]):.2e}"
         raise AssertionError(f"{what}: differs from its ar run at new token {i} (got {got[i:i + 4]}, "
-                             f"ar {ref[i:i + 4]}; {len(got)} vs {len(ref)} tokens)")
+                             f"ar {ref[i:i + 4]}; {len(got)} vs {len(ref)} tokens{gap})")
 
 
 def _count_syncs(engine, device: str, requests: list) -> tuple[list[int], dict]:
@@ -109,7 +115,7 @@ def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) ->
     def sd():
         for name in ("draft-random", "draft-same"):
             for i, (p, r) in enumerate(zip(prompts, refs)):
-                _same(run(lms[name], p, "sd"), r, f"sd ({name}) prompt {i}")
+                _same(run(lms[name], p, "sd"), r, f"sd ({name}) prompt {i}", target, p)
     report.check("generate sd == ar (greedy)", sd)
 
     def ssd():
@@ -120,7 +126,7 @@ def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) ->
                     st = Stats()
                     drafter = make_drafter("ssd", p, target.vocab_size, SamplingParams(), client=client,
                                            max_new_tokens=n_new, timeout=60)
-                    _same(run(drafter, p, "ssd", stats=st), r, f"ssd prompt {i}")
+                    _same(run(drafter, p, "ssd", stats=st), r, f"ssd prompt {i}", target, p)
                     if st.fallback:
                         raise AssertionError(f"ssd prompt {i} fell back to ar ({st.fallback}): "
                                              "the ssd path did not run")
@@ -137,8 +143,8 @@ def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) ->
                 reqs = [Request(p, n_new, spec=SpeculationParams(mode=mode, k=3 if mode == "sd" else None))
                         for p in prompts]
                 syncs, res = _count_syncs(eng, device, reqs)
-                for i, ((ids, _, _), r) in enumerate(zip(res.values(), refs)):
-                    _same(ids, r, f"engine {mode}@{batch} row {i}")
+                for i, ((ids, _, _), r, p) in enumerate(zip(res.values(), refs, prompts)):
+                    _same(ids, r, f"engine {mode}@{batch} row {i}", target, p)
                 if syncs and max(syncs[1:] or [0]) > 1:  # the first round may allocate pinned memory
                     raise AssertionError(f"CUDA syncs per round {syncs}: a round must make one host read")
                 if syncs and sum(syncs) == 0:
