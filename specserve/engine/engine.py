@@ -144,6 +144,7 @@ class Engine:
         if not rows:
             return events
         clock = self.clock
+        self._draft_marks.clear()  # a round that raised must not leave its marks to the next one
         t0 = clock.mark()
         drafts, q = self._draft(rows, kd)  # [sum kd] long, [sum kd, V] | None
         t1 = clock.mark()
@@ -151,7 +152,6 @@ class Engine:
         draft_s, verify_s = clock.seconds(t0, t1), clock.seconds(t1, t2)  # complete now: no sync
         for tokens, a, b in self._draft_marks:
             self.policy.cost.draft.observe(tokens, clock.seconds(a, b))
-        self._draft_marks.clear()
         self.policy.cost.target.observe(n_tokens, verify_s)
         for s, k, nb, o in zip(rows, kd, n, outs):
             committed = len(s.ids) + nb
