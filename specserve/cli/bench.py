@@ -34,6 +34,13 @@ def register(sub) -> None:
     si.add_argument("--net-ms", type=float, default=0.1, help="target <-> draft round trip, ms (default 0.1)")
     si.add_argument("--spec-factor", type=float, default=1.2,
                     help="cost of a batched branch step relative to a plain draft step (default 1.2)")
+    si.add_argument("--costs", default=None, metavar="FILE",
+                    help="a measured cost table (scripts/gpu_check.sh writes one): step times by rows x tokens, "
+                         "instead of --verify-ms/--draft-ms/--spec-factor")
+    si.add_argument("--batch", type=int, default=None,
+                    help="with --costs: rows per forward, every row drafting like the trace (default 1)")
+    si.add_argument("--branches", type=int, default=None,
+                    help="with --costs: candidate outcomes ssd pre-drafts per round (default 8)")
     si.set_defaults(func=cmd_simulate)
 
 
@@ -115,14 +122,29 @@ def _bench_levels(args, sp, prompts, modes) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from ..tools.simulate import CostModel, format_simulation, load, simulate
+    from ..tools.cost_table import CostTable
+    from ..tools.simulate import CostModel, TableCost, format_simulation, load, simulate
 
+    if args.costs is None:
+        for flag in ("batch", "branches"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} needs --costs FILE (a measured cost table): add it, or drop --{flag}")
     try:
-        cost = CostModel(args.verify_ms, args.draft_ms, args.net_ms, args.spec_factor)
-        print(format_simulation(simulate(load(args.results), cost), cost))
+        if args.costs is not None:
+            try:
+                table = CostTable.load(args.costs)
+            except ValueError as e:
+                raise UsageError(f"--costs: {e}") from None
+            cost = TableCost(table, args.batch or 1, args.branches or 8, args.net_ms)
+        else:
+            cost = CostModel(args.verify_ms, args.draft_ms, args.net_ms, args.spec_factor)
+        sim = simulate(load(args.results), cost)
     except ValueError as e:
         msg = str(e)
-        for name in ("verify_ms", "draft_ms", "net_ms", "spec_factor"):
-            msg = msg.replace(name, "--" + name.replace("_", "-"))
+        for name in ("verify_ms", "draft_ms", "net_ms", "spec_factor", "batch", "branches"):
+            msg = msg.replace(f"{name} must", f"--{name.replace('_', '-')} must")
+        if msg.startswith("the cost table"):
+            msg = f"--costs {args.costs}: {msg}"
         raise UsageError(msg) from None
+    print(format_simulation(sim, cost))
     return 0

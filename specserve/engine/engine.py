@@ -14,10 +14,17 @@ One `step()` is one round over every running row:
   3. verify    -- ONE target forward over every row's uncached tokens + drafts (a new prompt is
                   prefilled here, beside the others' verification).
   4. accept    -- batched rejection sampling, each row with its own generator.
-  5. commit    -- the round's single host read; each sequence commits (EOS / budget / stop cut),
-                  both caches roll back by writing lengths.
+  5. commit    -- the round's single host read (`_verify`: accepted counts and output ids,
+                  one `.tolist()`); each sequence commits (EOS / budget / stop cut), both caches
+                  roll back by writing lengths.
   6. retire    -- finished rows free their slots; their last chunks go out with the others.
 The output is what the target alone produces (greedy: token-identical; sampled: the same law).
+
+On CUDA a round queues every draft step, the verify forward and the sampling without waiting for
+the device, and step 5 is its only host sync: the host needs nothing else from the device (lengths,
+k and indices are host ints; host lists reach the device by `device.to_device`, a non-blocking
+pinned copy; draws use `device.draw`, not multinomial). Timings are CUDA events (`device.Clock`),
+read after that sync. tests/test_batch_gpu.py checks this on the CPU by tracing a round's ops.
 
 This module does not know about threads, asyncio, networks or sessions: a server runs `step()` in
 one loop and routes the (request id, Chunk) pairs. SSD (a remote drafter) is not handled here.
@@ -30,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .device import Clock, draw, synchronize, to_device
 from .lm import LM, check_pair
 from .runner import make_runner
 from .sampling import batched_rejection_sample, warp_rows
@@ -80,6 +88,8 @@ class Engine:
         self.trun = make_runner(target.model, max_num_seqs, max_model_len, native)
         self.drun = make_runner(draft.model, max_num_seqs, max_model_len, native) if draft is not None else None
         self.device = self.trun.cache.device
+        self.clock = Clock(self.device)
+        self._draft_marks: list[tuple[int, object, object]] = []  # (tokens, start, end) of the round's draft steps
         if cost is None:
             cost = self.probe() if probe else CostModel(LinearCost(1.0, 0.05), LinearCost(0.3, 0.015) if draft else None)
         self.policy = KPolicy(cost, k_max=k_max, hysteresis=hysteresis, k=k_init if draft is not None else 0)
@@ -133,24 +143,28 @@ class Engine:
         rows, kd = out.running, out.draft_lens
         if not rows:
             return events
-        t0 = time.perf_counter()
+        clock = self.clock
+        self._draft_marks.clear()  # a round that raised must not leave its marks to the next one
+        t0 = clock.mark()
         drafts, q = self._draft(rows, kd)  # [sum kd] long, [sum kd, V] | None
-        t1 = time.perf_counter()
-        n, outs, n_tokens = self._verify(rows, kd, drafts, q)
-        t2 = time.perf_counter()
-        self.policy.cost.target.observe(n_tokens, t2 - t1)
+        t1 = clock.mark()
+        n, outs, n_tokens, t2 = self._verify(rows, kd, drafts, q)  # t2: marked before the host read
+        draft_s, verify_s = clock.seconds(t0, t1), clock.seconds(t1, t2)  # complete now: no sync
+        for tokens, a, b in self._draft_marks:
+            self.policy.cost.draft.observe(tokens, clock.seconds(a, b))
+        self.policy.cost.target.observe(n_tokens, verify_s)
         for s, k, nb, o in zip(rows, kd, n, outs):
             committed = len(s.ids) + nb
             self.trun.cache.set_length(s.slot, committed)
             if self.drun is not None:
                 self.drun.cache.set_length(s.slot, min(self.drun.cache.length(s.slot), committed))
-            s.stats.verify_s += t2 - t1  # each row waits for the whole round
-            s.stats.draft_wait_s += t1 - t0
+            s.stats.verify_s += verify_s  # each row waits for the whole round
+            s.stats.draft_wait_s += draft_s
             events.append((s.id, s.commit(o[:nb], o[nb], drafted=k)))
         for s in self.scheduler.update_from_output(rows, n, kd):
             self._release(s)
             self.seqs.pop(s.id, None)
-        self._account(rows, kd, n, t1 - t0, t2 - t1)
+        self._account(rows, kd, n, draft_s, verify_s)
         return events
 
     def _release(self, s: Sequence) -> None:
@@ -172,7 +186,7 @@ class Engine:
         sampled = any(not rows[b].sp.greedy for b in act)
         q = torch.empty(N, self.draft.vocab_size, device=self.device) if sampled else None  # [N, V]
         feed = [rows[b].ids[cache.length(rows[b].slot):] for b in act]  # catch-up tokens (>= 1 each)
-        tokens = torch.tensor([t for f in feed for t in f], dtype=torch.long)
+        tokens = to_device([t for f in feed for t in f], self.device)
         logits = self._draft_forward([rows[b].slot for b in act], tokens, [len(f) for f in feed])
         for j in range(max(kd)):
             sps = [rows[b].sp for b in act]
@@ -180,8 +194,8 @@ class Engine:
             dj = qj.argmax(-1)  # [A]
             for i, b in enumerate(act):
                 if not rows[b].sp.greedy:
-                    dj[i] = torch.multinomial(qj[i], 1, generator=rows[b].gen)[0]
-            pos = torch.tensor([off[b] + j for b in act], device=self.device)
+                    dj[i] = draw(qj[i], rows[b].gen)  # = multinomial(qj[i], 1), without its host reads
+            pos = to_device([off[b] + j for b in act], self.device)
             drafts[pos] = dj
             if q is not None:
                 q[pos] = qj
@@ -189,19 +203,22 @@ class Engine:
             if not nxt:
                 break
             act = [act[i] for i in nxt]
-            sel = dj[torch.tensor(nxt, device=self.device)]  # [A'] fed without leaving the device
+            sel = dj[to_device(nxt, self.device)]  # [A'] fed without leaving the device
             logits = self._draft_forward([rows[b].slot for b in act], sel, [1] * len(act))
         return drafts, q
 
     def _draft_forward(self, slots, tokens, lens):
-        """One batched draft step, timed for the cost model (on CUDA without a sync: approximate)."""
-        t0 = time.perf_counter()
+        """One batched draft step; its time marks are read after the round's host read (step)."""
+        t0 = self.clock.mark()
         logits, _ = self.drun.forward(slots, tokens, lens, [1] * len(slots))  # [A, V]
-        self.policy.cost.draft.observe(sum(lens), time.perf_counter() - t0)
+        self._draft_marks.append((sum(lens), t0, self.clock.mark()))
         return logits
 
     def _verify(self, rows: list[Sequence], kd: list[int], drafts: torch.Tensor, q):
-        """One target forward + batched rejection sampling; the round's one host read."""
+        """One target forward + batched rejection sampling; the round's one host read.
+
+        Returns (accepted [B], output ids per row, flat tokens, the clock mark taken just before
+        the read, so that every mark of the round has completed when step() reads them)."""
         cache = self.trun.cache
         unc = [s.ids[cache.length(s.slot):] for s in rows]  # uncached committed tokens (>= 1 each)
         lens = [len(u) + k for u, k in zip(unc, kd)]
@@ -212,15 +229,18 @@ class Engine:
             draft_pos.extend(range(start + len(u), start + L))
             start += L
         tokens = torch.empty(start, dtype=torch.long, device=self.device)  # [sum lens]
-        tokens[torch.tensor(host_pos, device=self.device)] = torch.tensor(host_tok, device=self.device)
+        ix = to_device(host_pos + draft_pos + host_tok, self.device)  # one non-blocking host -> device copy
+        H, D = len(host_pos), len(draft_pos)
+        tokens[ix[:H]] = ix[H + D:]
         if draft_pos:
-            tokens[torch.tensor(draft_pos, device=self.device)] = drafts
+            tokens[ix[H:H + D]] = drafts
         logits, _ = self.trun.forward([s.slot for s in rows], tokens, lens, [k + 1 for k in kd])  # [sum kd + B, V]
         p = warp_rows(logits, [s.sp for s in rows], [k + 1 for k in kd])
         n, _, out_ids = batched_rejection_sample(drafts, kd, q, p, [s.gen for s in rows],
                                                  greedy=[s.sp.greedy for s in rows])
-        host = torch.cat([n[:, None], out_ids], 1).tolist()  # the host sync of the round
-        return [h[0] for h in host], [h[1:] for h in host], start
+        mark = self.clock.mark()
+        host = torch.cat([n[:, None], out_ids], 1).tolist()  # THE host sync of the round
+        return [h[0] for h in host], [h[1:] for h in host], start, mark
 
     def _account(self, rows, kd, n, draft_s, verify_s) -> None:
         st = self.stats
@@ -239,9 +259,13 @@ class Engine:
         def timed(run, rows, tokens):
             slots = [run.cache.alloc() for _ in range(rows)]
             try:
-                run.forward(slots, torch.zeros(rows * 8, dtype=torch.long), [8] * rows, [1] * rows)  # a context
+                dev = run.cache.device
+                run.forward(slots, torch.zeros(rows * 8, dtype=torch.long, device=dev), [8] * rows, [1] * rows)
+                synchronize(dev)  # outside the rounds: the probe may wait for the device
                 t0 = time.perf_counter()
-                run.forward(slots, torch.zeros(rows * tokens, dtype=torch.long), [tokens] * rows, [tokens] * rows)
+                run.forward(slots, torch.zeros(rows * tokens, dtype=torch.long, device=dev), [tokens] * rows,
+                            [tokens] * rows)
+                synchronize(dev)
                 return time.perf_counter() - t0
             finally:
                 for s in slots:

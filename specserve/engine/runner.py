@@ -18,17 +18,21 @@ Two implementations behind one interface:
   SerialRunner  any other causal LM transformers loads: rows one at a time, each slot holding the
                 existing `KVCache` (a DynamicCache; it grows per request, unlike the SlotCache).
 
-This module does not know about sampling, drafts or scheduling. Host syncs: none (indices and
-the mask are built on the host from host lengths and copied to the device).
+This module does not know about sampling, drafts or scheduling. Host syncs in NativeRunner.forward:
+none. Its index lists are built from host lengths (python ints, never read from the device) and
+reach the device in one non-blocking copy (`device.to_device`); masks are built on the device.
+SerialRunner (the fallback) brings each row's logits through the CPU, a sync per row on CUDA.
 """
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .device import to_device
 from .lm import KVCache
 from .slot_cache import SlotCache, SlotPool
 
@@ -95,7 +99,8 @@ class NativeRunner(Runner):
         self.device = cache.device
 
     def _layout(self, slots, row_lens):
-        """Flat-token positions and attention groups, built on the host, moved to the device.
+        """Flat-token positions and attention groups: index lists built on the host from host
+        lengths, copied to the device in ONE non-blocking copy; the masks are built on the device.
 
         Rows are grouped by length (a new row starts a group when it is under half the group's
         longest), so a 300-token prompt does not pad the 5-token verify rows to 300 queries.
@@ -103,8 +108,9 @@ class NativeRunner(Runner):
         token within the group, mask [G, 1, T_g, L_g] with column j visible iff j <= length + i).
         """
         lens = [self.cache.length(s) for s in slots]
-        starts = [sum(row_lens[:b]) for b in range(len(slots))]
-        pos = torch.cat([torch.arange(n) + ln for n, ln in zip(row_lens, lens)])  # [N] length + i
+        starts = list(accumulate([0] + list(row_lens[:-1])))
+        pos = [ln + i for n, ln in zip(row_lens, lens) for i in range(n)]  # [N] length + i
+        slot_of = [s for s, n in zip(slots, row_lens) for _ in range(n)]  # [N]
         order = sorted(range(len(slots)), key=lambda b: -row_lens[b])
         groups, cur = [], [order[0]]
         for b in order[1:]:
@@ -113,26 +119,35 @@ class NativeRunner(Runner):
                 cur = []
             cur.append(b)
         groups.append(cur)
-        dev, out = self.device, []
+        host, cuts = pos + slot_of, []  # every index list back to back; cuts = their (start, end)
         for g in groups:
+            parts = ([slots[b] for b in g],  # [G]
+                     [t for b in g for t in range(starts[b], starts[b] + row_lens[b])],  # flat [n_g]
+                     [i for i, b in enumerate(g) for _ in range(row_lens[b])],  # row [n_g]
+                     [t for b in g for t in range(row_lens[b])],  # t_in [n_g]
+                     [lens[b] for b in g])  # ln [G]
+            for part in parts:
+                cuts.append((len(host), len(host) + len(part)))
+                host += part
+        dev = self.device
+        ix = to_device(host, dev)
+        N, out = len(pos), []
+        for gi, g in enumerate(groups):
+            slot_t, flat, row, t_in, ln = (ix[a:b] for a, b in cuts[5 * gi:5 * gi + 5])
             T = row_lens[g[0]]
             L = max(lens[b] + row_lens[b] for b in g)
-            flat = torch.cat([torch.arange(starts[b], starts[b] + row_lens[b]) for b in g])  # [n_g]
-            row = torch.cat([torch.full((row_lens[b],), i) for i, b in enumerate(g)])  # [n_g]
-            t_in = torch.cat([torch.arange(row_lens[b]) for b in g])  # [n_g]
-            ln = torch.tensor([lens[b] for b in g])  # [G]
-            mask = torch.arange(L)[None, None, :] <= (ln[:, None, None] + torch.arange(T)[None, :, None])  # [G, T, L]
-            out.append((torch.tensor([slots[b] for b in g]).to(dev), flat.to(dev), row.to(dev), t_in.to(dev),
-                        mask[:, None].to(dev), len(g), T, L))
-        slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(row_lens))  # [N]
-        return pos.to(dev), slot_of.to(dev), out
+            mask = (torch.arange(L, device=dev)[None, None, :]
+                    <= (ln[:, None, None] + torch.arange(T, device=dev)[None, :, None]))  # [G, T, L]
+            out.append((slot_t, flat, row, t_in, mask[:, None], len(g), T, L))
+        return ix[:N], ix[N:2 * N], out
 
     @torch.inference_mode()
     def forward(self, slots, tokens, row_lens, keep):
         koff = self._check(self.cache, slots, row_lens, keep)
         pos, slot_of, groups = self._layout(slots, row_lens)
         N, H, Hkv, D = len(pos), self.heads, self.kv_heads, self.head_dim
-        tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)  # [N]
+        if not (isinstance(tokens, torch.Tensor) and tokens.device == self.device):
+            tokens = to_device(tokens, self.device)  # [N] (the engine passes device tensors)
         h = self.inner.embed_tokens(tokens)[None]  # [1, N, hidden]
         cos, sin = self.inner.rotary_emb(h, pos[None])  # [1, N, D] each
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, D]
@@ -157,11 +172,11 @@ class NativeRunner(Runner):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         for s, n in zip(slots, row_lens):
             self.cache.set_length(s, self.cache.length(s) + n)
-        ends = torch.cumsum(torch.tensor(row_lens), 0)  # [B] flat end of each row
-        sel = torch.cat([torch.arange(int(e) - kp, int(e)) for e, kp in zip(ends, keep)])  # [M]
-        if sel.numel() == 0:
+        ends = accumulate(row_lens)  # flat end of each row (host ints)
+        sel = [t for e, kp in zip(ends, keep) for t in range(e - kp, e)]  # [M]
+        if not sel:
             return h.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), koff
-        hs = self.inner.norm(h[:, sel.to(self.device)])  # [1, M, hidden]
+        hs = self.inner.norm(h[:, to_device(sel, self.device)])  # [1, M, hidden]
         return self.model.lm_head(hs)[0].float(), koff  # [M, V]
 
 

@@ -15,7 +15,11 @@ This module knows nothing about models, caches or tokenizers: tensors in, tensor
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
+
+from .device import draw, to_device
 
 __all__ = ["SamplingParams", "warp", "sample", "rejection_sample", "warp_rows", "batched_rejection_sample",
            "PLACEHOLDER"]
@@ -134,7 +138,7 @@ def warp_rows(logits: torch.Tensor, params: list[SamplingParams], counts: list[i
         return warp(logits, *next(iter(groups)))
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # [M, V]
     for key, rows in groups.items():
-        idx = torch.tensor(rows, device=logits.device)
+        idx = to_device(rows, logits.device)
         out[idx] = warp(logits[idx], *key)
     return out
 
@@ -158,7 +162,8 @@ def batched_rejection_sample(
 
     Returns (n_accepted [B], next_token [B], output_ids [B, max_k + 1]); output_ids[b] is
     d_1..d_n, the recovered or bonus token, then PLACEHOLDER. Everything stays on target_probs'
-    device and nothing is read back to the host (the caller reads the outputs once).
+    device and nothing is read back to the host (the caller reads the outputs once): the index
+    arithmetic is done in host ints and copied once (`device.to_device`), draws use `device.draw`.
     Row by row this equals rejection_sample given the same generator state, with one difference
     in generator use only: a non-greedy row whose final distribution is a point mass draws one
     multinomial sample (rejection_sample skips it; the token is the same).
@@ -166,13 +171,15 @@ def batched_rejection_sample(
     B, dev = len(num_drafts), target_probs.device
     greedy = greedy or [False] * B
     assert target_probs.shape[0] == sum(num_drafts) + B, "target_probs needs k_b + 1 rows per sequence"
-    kt = torch.tensor(num_drafts, dtype=torch.long)  # [B] (host)
-    K, N = (int(kt.max()) if B else 0), int(kt.sum())
-    d_off = torch.cumsum(kt, 0) - kt  # [B] first draft of each row
-    t_off = d_off + torch.arange(B)  # [B] first target row of each row
-    row_of = torch.repeat_interleave(torch.arange(B), kt)  # [N]
-    j_of = torch.arange(N) - d_off[row_of]  # [N] draft index within its row
-    t_row = (t_off[row_of] + j_of).to(dev)  # [N] target row of each draft
+    K, N = max(num_drafts, default=0), sum(num_drafts)  # host ints: no read from the device
+    d_off = list(accumulate([0] + list(num_drafts[:-1])))  # [B] first draft of each row
+    t_off = [d + b for b, d in enumerate(d_off)]  # [B] first target row of each row
+    row_of = [b for b, k in enumerate(num_drafts) for _ in range(k)]  # [N]
+    j_of = [j for k in num_drafts for j in range(k)]  # [N] draft index within its row
+    t_row = [t_off[b] + j for b, j in zip(row_of, j_of)]  # [N] target row of each draft
+    ix = to_device(row_of + j_of + t_row + list(num_drafts) + d_off + t_off, dev)  # one host -> device copy
+    row_of, j_of, t_row = ix[:N], ix[N:2 * N], ix[2 * N:3 * N]
+    kd, d_off, t_off = ix[3 * N:3 * N + B], ix[3 * N + B:3 * N + 2 * B], ix[3 * N + 2 * B:]
     draft_ids = draft_ids.to(dev)
     flat = torch.arange(N, device=dev)
     p = target_probs[t_row, draft_ids]  # [N]
@@ -181,12 +188,12 @@ def batched_rejection_sample(
          for k, gen, g_b in zip(num_drafts, generators, greedy) if k]
     u = torch.cat(u) if u else torch.empty(0, device=dev)  # [N]
     ok = torch.zeros(B, K, dtype=torch.long, device=dev)  # [B, K], 0 past each row's k_b
-    ok[row_of.to(dev), j_of.to(dev)] = (u * q < p).long()
+    ok[row_of, j_of] = (u * q < p).long()
     n = ok.cumprod(1).sum(1) if K else torch.zeros(B, dtype=torch.long, device=dev)  # [B] accepted
-    kd, rows = kt.to(dev), torch.arange(B, device=dev)
-    base = target_probs[t_off.to(dev) + n]  # [B, V] p at the first rejected (or bonus) position
+    rows = torch.arange(B, device=dev)
+    base = target_probs[t_off + n]  # [B, V] p at the first rejected (or bonus) position
     rejected = n < kd  # [B]
-    at = (d_off.to(dev) + torch.minimum(n, (kd - 1).clamp(min=0))).clamp(max=max(N - 1, 0))  # [B]
+    at = (d_off + torch.minimum(n, (kd - 1).clamp(min=0))).clamp(max=max(N - 1, 0))  # [B]
     residual = base.clone()  # [B, V]
     if N:
         if draft_probs is None:
@@ -199,10 +206,10 @@ def batched_rejection_sample(
     token = dist.argmax(-1)  # [B]
     for b, (gen, g_b) in enumerate(zip(generators, greedy)):
         if not g_b:
-            token[b] = torch.multinomial(dist[b], 1, generator=gen)[0]
+            token[b] = draw(dist[b], gen)  # = multinomial(dist[b], 1), without its host reads
     out = torch.full((B, K + 1), PLACEHOLDER, dtype=torch.long, device=dev)  # [B, K+1]
     if N:
-        keep = j_of.to(dev) < n[row_of.to(dev)]  # [N]
-        out[row_of.to(dev), j_of.to(dev)] = torch.where(keep, draft_ids, PLACEHOLDER)
+        keep = j_of < n[row_of]  # [N]
+        out[row_of, j_of] = torch.where(keep, draft_ids, PLACEHOLDER)
     out[rows, n] = token
     return n, token, out

@@ -104,7 +104,7 @@ class SlotCache(SlotPool):
         return cls(layers, kv_heads, head_dim, slots, max_len, dtype=dtype, device=emb.device)
 
     def _on_length(self, slot: int, n: int) -> None:
-        self.lengths[slot] = n  # a device write, not a sync
+        self.lengths[slot].fill_(n)  # a kernel with a scalar argument: no host tensor, no copy, no sync
 
     # ---- data ---------------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
