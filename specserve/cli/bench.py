@@ -75,10 +75,15 @@ def cmd_bench(args) -> int:
             client.close()
         if worker is not None:
             worker.close()
-    print(format_table(result))
+    return _report(args, result, format_table(result), plot)
+
+
+def _report(args, result: dict, table: str, plot) -> int:
+    """Print the table and any mismatch, write --out and --plot."""
+    print(table)
     for m, d in result["summary"].items():
         if d.get("mismatches"):
-            print(f"MISMATCH {m}: {', '.join(d['mismatch_detail'])}", file=sys.stderr)
+            print(f"MISMATCH {m}: {d['mismatch_detail']}", file=sys.stderr)
     write_json(args.out, result)
     if args.plot:
         plot(result, args.plot)
@@ -98,7 +103,7 @@ def _levels(text: str) -> list[int]:
 
 def _bench_levels(args, sp, prompts, modes) -> int:
     """`bench --concurrency`: the batched modes at each level, through one engine."""
-    from ..tools.bench_batch import format_levels, run_levels
+    from ..tools.bench_batch import format_levels, plot_levels, run_levels
 
     levels = _levels(args.concurrency)
     target, draft = load_pair(args, args.draft, args.threads)
@@ -108,17 +113,7 @@ def _bench_levels(args, sp, prompts, modes) -> int:
                             warmup=not args.no_warmup)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    print(format_levels(result["summary"]))
-    for m, d in result["summary"].items():
-        if d.get("mismatches"):
-            print(f"MISMATCH {m}: {d['mismatch_detail']}", file=sys.stderr)
-    write_json(args.out, result)
-    if args.plot:
-        from ..tools.bench_batch import plot_levels
-
-        plot_levels(result, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
+    return _report(args, result, format_levels(result["summary"]), plot_levels)
 
 
 def cmd_simulate(args) -> int:
