@@ -196,6 +196,10 @@ class AppConfig(_Strict):
                 raise ValueError(f"auth_token is env:{name} but ${name} is not set in the router's environment")
         return tok or None
 
+    def served_model_name(self) -> str:
+        """The `model` the OpenAI API serves: the target's name (a directory's last component)."""
+        return self.target.model.rstrip("/").rsplit("/", 1)[-1]
+
 
 def load_serve_config(path: str) -> tuple[AppConfig, dict]:
     """Read a Serve config file (like deployments/serve_config.yaml) -> (its app's AppConfig, the file).

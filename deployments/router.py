@@ -1,4 +1,4 @@
-"""Router: the ingress deployment behind Ray Serve's gRPC proxy (the user-defined servicer).
+"""Router: the ingress deployment behind Ray Serve's gRPC proxy (the user-defined servicer) and HTTP proxy.
 
 Its methods carry the names of `specserve.v1.SpecServe`'s RPCs; each is a thin wrapper over
 `specserve.serving.router.RouterCore` that turns an `ApiError` into the gRPC status and records
@@ -21,6 +21,8 @@ from specserve.serving.router import RouterCore
 from specserve.sessions import open_store
 
 from .config import AppConfig
+from .http import OpenAIRoutes
+from .http import app as http_app
 
 log = logging.getLogger("ray.serve")
 
@@ -67,10 +69,6 @@ def _stats(msg) -> pb.Stats | None:
     return msg.stats if msg is not None and msg.HasField("stats") else None
 
 
-_HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
-         "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 413, "UNAVAILABLE": 503}
-
-
 def _fail(context, e: ApiError) -> None:
     if context is not None:
         context.set_code(getattr(grpc.StatusCode, e.code))
@@ -78,9 +76,13 @@ def _fail(context, e: ApiError) -> None:
 
 
 @serve.deployment(name="Router")
-class Router:
+@serve.ingress(http_app)
+class Router(OpenAIRoutes):
+    """gRPC: the methods below (Serve's gRPC proxy calls them by name). HTTP: the OpenAI API (deployments/http.py)."""
+
     def __init__(self, target, config: dict):
         cfg = AppConfig.model_validate(config)
+        self.model_name = cfg.served_model_name()
         lim = cfg.limits
         self.limits = Limits(max_tokens=lim.max_tokens, default_max_tokens=lim.default_max_tokens,
                              max_prompt_chars=lim.max_prompt_chars, k_max=lim.k_max, modes=cfg.modes,
@@ -145,31 +147,3 @@ class Router:
     async def DeleteSession(self, request: pb.DeleteSessionRequest, grpc_context=None) -> pb.DeleteSessionReply:
         return await self._unary("DeleteSession", self.core.delete_session(request), pb.DeleteSessionReply(),
                                  grpc_context)
-
-    # ------------------------------------------------------------------ optional HTTP (JSON)
-
-    async def __call__(self, request):
-        """GET /: what this server runs. POST /generate: a GenerateRequest as JSON -> GenerateReply as JSON."""
-        from google.protobuf import json_format
-        from starlette.responses import JSONResponse
-
-        if request.method == "GET":
-            return JSONResponse({"service": "specserve.v1.SpecServe", "modes": list(self.limits.modes),
-                                 "default_mode": self.limits.default_mode, "max_tokens": self.limits.max_tokens})
-        if request.method != "POST" or request.url.path.rstrip("/").split("/")[-1] != "generate":
-            return JSONResponse({"error": "POST /generate with a GenerateRequest as JSON (or GET / for info)"},
-                                status_code=404)
-        try:
-            req = json_format.ParseDict(await request.json(), pb.GenerateRequest())
-        except Exception as e:
-            return JSONResponse({"error": f"body is not a GenerateRequest in JSON: {e}"}, status_code=400)
-        t0, code = time.perf_counter(), "OK"
-        try:
-            check_bearer(self.auth_token, request.headers.get("authorization"))
-            reply = await self.core.generate(req)
-            return JSONResponse(json_format.MessageToDict(reply, preserving_proto_field_name=True))
-        except ApiError as e:
-            code = e.code
-            return JSONResponse({"error": e.message, "code": e.code}, status_code=_HTTP.get(e.code, 500))
-        finally:
-            self.metrics.done("http_generate", code, t0, None)

@@ -49,7 +49,7 @@ def run(cfg: AppConfig, grpc_port: int = 9000, http_port: int = 8000, host: str 
           file=sys.stderr, flush=True)
     address = start(cfg, grpc_port, http_port, host)
     print(f"specserve ready in {time.perf_counter() - t0:.0f} s: gRPC {address} (specserve.v1.SpecServe), "
-          f"HTTP http://{host}:{http_port}/generate", file=sys.stderr, flush=True)
+          f"OpenAI-compatible HTTP http://{host}:{http_port}/v1", file=sys.stderr, flush=True)
     try:
         if ask:
             _ask(address, ask)

@@ -16,8 +16,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(cfg: dict, name: str = APP):
-    """Local Ray (2 CPUs), Serve with the gRPC proxy on a free port, the app; yields host:port."""
+def serve_app(cfg: dict, name: str = APP, http_port: int | None = None):
+    """Local Ray (2 CPUs), Serve with the gRPC proxy on a free port (HTTP on `http_port` or a free one),
+    the app; yields the gRPC host:port."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -35,7 +36,7 @@ def serve_app(cfg: dict, name: str = APP):
                 raise
             time.sleep(3)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))
         serve.run(build_app(cfg), name=name, route_prefix="/")
         yield f"127.0.0.1:{port}"

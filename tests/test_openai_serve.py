@@ -1,0 +1,258 @@
+"""The OpenAI-compatible HTTP API for real: the `openai` client -> Serve's HTTP proxy -> Router.
+
+One Serve application for the module: tiny models, one target replica, one draft replica, a
+bearer token, sessions in memory. Every answer is checked against the gRPC API's `Generate` on
+the same app (one code path below both), every refusal against OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from specserve.client import Client
+
+from serve_helpers import free_port, serve_app
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TOKEN = "openai-test-token"
+MODEL = "target"  # the tiny target's directory name
+PROMPTS = ["def add(a, b):", "The quick brown fox"]
+MODES = ["ar", "sd", "ssd"]
+DOCUMENTED = {200, 400, 404, 409, 413}  # what a body alone can get (401/429/503 come from elsewhere)
+
+
+@pytest.fixture(scope="module")
+def app(tiny_dir):
+    cfg = {
+        "target": {"model": str(tiny_dir / "target"), "threads": 1, "draft_timeout_s": 10.0,
+                   "replicas": {"num_cpus": 0.3}},
+        "draft": {"model": str(tiny_dir / "draft-same"), "quantize": "none", "threads": 1,
+                  "host": "127.0.0.1", "replicas": {"num_cpus": 0.3}},
+        "router": {"num_cpus": 0.1},
+        "auth_token": TOKEN,
+        "limits": {"max_tokens": 400, "default_max_tokens": 4, "max_prompt_chars": 5000},
+    }
+    port = free_port()
+    with serve_app(cfg, http_port=port) as address:
+        yield address, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def grpc_client(app):
+    with Client(app[0], timeout=60, token=TOKEN) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oai(app):
+    return openai.OpenAI(base_url=app[1] + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
+
+
+def _http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, str, str]:
+    """A raw HTTP call (stdlib): status, content type, body text."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers.get("content-type", ""), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("content-type", ""), e.read().decode()
+
+
+def _stream_text(stream) -> tuple[str, list]:
+    chunks = list(stream)
+    return "".join(c.choices[0].text if c.choices else "" for c in chunks), chunks
+
+
+# ---------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_completions_equal_grpc_generate_in_every_mode(oai, grpc_client, mode):
+    for prompt in PROMPTS:
+        want = grpc_client.generate(prompt, max_tokens=24, mode=mode)
+        got = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=24, extra_body={"speculation": {"mode": mode}})
+        assert got.choices[0].text == want.text, (mode, prompt)
+        assert got.usage.completion_tokens == len(want.token_ids) == 24 and got.choices[0].finish_reason == "length"
+        assert got.usage.prompt_tokens == want.stats.prompt_tokens > 0
+        assert got.usage.total_tokens == got.usage.prompt_tokens + 24
+        ext = got.model_extra["specserve"]
+        assert ext["mode"] == mode and ext["new_tokens"] == 24 and not ext["fallback"]
+        text, chunks = _stream_text(oai.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=24, stream=True, stream_options={"include_usage": True},
+            extra_body={"speculation": {"mode": mode}}))
+        assert text == want.text
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+        assert chunks[-2].choices[0].finish_reason == "length"
+        assert len(chunks) - 1 == chunks[-2].model_extra["specserve"]["rounds"]  # one chunk per round
+
+
+def test_usage_is_exact_when_a_stop_string_ends_it(oai, grpc_client):
+    full = grpc_client.generate(PROMPTS[0], max_tokens=40, mode="ar").text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    want = grpc_client.generate(PROMPTS[0], max_tokens=40, mode="ar", stop=[stop])
+    got = oai.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=40, stop=stop)
+    assert got.choices[0].text == want.text and stop not in got.choices[0].text
+    assert got.choices[0].finish_reason == "stop" and want.stats.finish_reason == "stop"
+    assert got.usage.completion_tokens == want.stats.new_tokens == len(want.token_ids) < 40
+
+
+def test_usage_is_exact_until_eos_or_the_budget(oai, grpc_client):
+    """Long runs: whichever ends them (EOS or max_tokens), usage counts exactly the tokens sent."""
+    reasons = set()
+    for prompt in PROMPTS:
+        want = grpc_client.generate(prompt, max_tokens=400, mode="sd")
+        got = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=400)
+        assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+        assert got.choices[0].finish_reason == {"eos": "stop", "length": "length"}[want.stats.finish_reason]
+        reasons.add(want.stats.finish_reason)
+    assert reasons <= {"eos", "length"}
+
+
+def test_chat_plain_and_streamed_agree(oai):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    plain = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20)
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+    assert plain.usage.completion_tokens == 20 == chunks[-1].model_extra["specserve"]["new_tokens"]
+
+
+def test_a_continued_conversation_reuses_its_kv_prefix(oai):
+    msgs = [{"role": "user", "content": "remember the number 7"}]
+    raw = oai.chat.completions.with_raw_response.create(model=MODEL, messages=msgs, max_tokens=8,
+                                                       extra_headers={"X-Session-Id": "new"})
+    sid, token = raw.headers["x-session-id"], raw.headers["x-session-token"]
+    first = raw.parse()
+    assert first.model_extra["specserve"]["prefix_reused"] == 0
+    time.sleep(1.5)  # the replica announces the sessions it caches to the routers (Serve multiplexing)
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "which number?"}]
+    second = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8,
+                                         extra_headers={"X-Session-Id": sid, "X-Session-Token": token})
+    assert second.model_extra["specserve"]["prefix_reused"] > 0
+    assert second.model_extra["specserve"]["replica"] == first.model_extra["specserve"]["replica"]
+    with pytest.raises(openai.PermissionDeniedError) as e:  # a session is private: its token is needed
+        oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, extra_headers={"X-Session-Id": sid})
+    assert "session_token" in e.value.message
+
+
+# ---------------------------------------------------------------------------- errors
+
+_U = [{"role": "user", "content": "x"}]
+ERRORS = [
+    # (name, endpoint, kwargs, openai exception, words in the message)
+    ("n > 1", "completions", dict(prompt="x", n=2), "BadRequestError", "n=2"),
+    ("logprobs", "completions", dict(prompt="x", logprobs=2), "BadRequestError", "logprobs"),
+    ("max_tokens over the limit", "completions", dict(prompt="x", max_tokens=401), "BadRequestError", "max_tokens"),
+    ("negative temperature", "completions", dict(prompt="x", temperature=-1), "BadRequestError", "temperature"),
+    ("top_p zero", "completions", dict(prompt="x", top_p=0), "BadRequestError", "top_p"),
+    ("unknown field", "completions", dict(prompt="x", extra_body={"frobnicate": 1}), "BadRequestError",
+     "frobnicate"),
+    ("bad mode", "completions", dict(prompt="x", extra_body={"speculation": {"mode": "fast"}}), "BadRequestError",
+     "speculation.mode"),
+    ("k too large", "completions", dict(prompt="x", extra_body={"speculation": {"k": 99}}), "BadRequestError",
+     "speculation.k"),
+    ("token id outside the vocabulary", "completions", dict(prompt=[10 ** 6]), "BadRequestError", "vocabulary"),
+    ("unknown model", "completions", dict(prompt="x", model="gpt-4"), "NotFoundError", "model"),
+    ("huge prompt", "completions", dict(prompt="x" * 5001), "APIStatusError", "prompt"),
+    ("tools", "chat", dict(messages=_U, tools=[{"type": "function", "function": {"name": "f"}}]), "BadRequestError",
+     "tools"),
+    ("response_format", "chat", dict(messages=_U, response_format={"type": "json_object"}), "BadRequestError",
+     "response_format"),
+    ("no messages", "chat", dict(messages=[]), "BadRequestError", "messages"),
+    ("huge conversation", "chat", dict(messages=[{"role": "user", "content": "y" * 5001}]), "APIStatusError",
+     "messages"),
+]
+
+
+@pytest.mark.parametrize("name,endpoint,kw,exc,words", ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors_raise_the_matching_openai_exception_naming_the_field(oai, name, endpoint, kw, exc, words):
+    kw = {"model": MODEL, **kw}
+    create = oai.completions.create if endpoint == "completions" else oai.chat.completions.create
+    with pytest.raises(getattr(openai, exc)) as e:
+        create(**kw)
+    assert words in e.value.message, (name, e.value.message)
+    assert set(e.value.body) >= {"message", "type", "param", "code"}
+    if exc == "APIStatusError":
+        assert e.value.status_code == 413
+
+
+def test_a_wrong_or_missing_token_gets_401_on_every_route(app):
+    base = app[1]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/completions", b"{broken"),
+                                   ("POST", "/v1/chat/completions", b'{"model": 1}'), ("GET", "/nope", None),
+                                   ("POST", "/generate", b"{}"), ("GET", "/", None)):
+            status, _, text = _http(method, base + path, body, headers)
+            assert status == 401, (headers, path, text)
+            assert json.loads(text)["error"]["type"] == "authentication_error"
+    assert _http("GET", base + "/health")[0] == 200
+    bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, _, text = _http("GET", base + "/nope", None, auth)
+    assert status == 404 and json.loads(text)["error"]["code"] == "not_found"
+
+
+def test_models_lists_the_served_model(oai):
+    assert [m.id for m in oai.models.list().data] == [MODEL]
+
+
+# ---------------------------------------------------------------------------- fuzz
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                     max_leaves=6)
+_FIELD = {
+    "model": st.sampled_from([MODEL, "gpt-4", ""]) | _JSON,
+    "prompt": st.text(max_size=40) | st.lists(st.integers(-5, 2 ** 40), max_size=4) | _JSON,
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]),
+                                                "content": st.text(max_size=30) | _JSON}), max_size=3) | _JSON,
+    "max_tokens": st.integers(-3, 6) | st.integers(-2 ** 70, 2 ** 70) | _JSON,
+    "temperature": st.floats(allow_nan=True) | _JSON,
+    "top_p": st.floats(-1, 2) | _JSON,
+    "seed": st.integers(-2 ** 70, 2 ** 70) | _JSON,
+    "stop": st.text(max_size=5) | st.lists(st.text(max_size=140), max_size=10) | _JSON,
+    "stream": st.booleans() | _JSON,
+    "n": st.integers(0, 3) | _JSON,
+    "speculation": st.fixed_dictionaries({}, optional={"mode": st.sampled_from(MODES + ["x"]) | _JSON,
+                                                       "k": st.integers(-2, 20) | _JSON}) | _JSON,
+}
+_BODY = st.fixed_dictionaries({}, optional=_FIELD).map(json.dumps) | st.binary(max_size=60).map(
+    lambda b: b.decode("latin-1")) | _JSON.map(json.dumps)
+
+
+_SEEN: set[int] = set()
+
+
+@settings(max_examples=320, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=_BODY)
+def test_fuzzed_bodies_get_documented_statuses(app, path, body):
+    status, ctype, text = _http("POST", app[1] + path, body.encode("utf-8", "surrogatepass"),
+                                {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert status in DOCUMENTED, (body, status, text)
+    _SEEN.add(status)
+    if status != 200:
+        err = json.loads(text)["error"]
+        assert err["message"] and err["type"], err
+    elif "text/event-stream" in ctype:
+        assert text.rstrip().endswith("data: [DONE]"), text
+
+
+def test_the_server_answers_exactly_after_the_fuzz(oai, grpc_client):
+    assert {200, 400} <= _SEEN, _SEEN  # the fuzz reached the engine and the validation both
+    want = grpc_client.generate(PROMPTS[1], max_tokens=16, mode="ssd")
+    got = oai.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16,
+                                 extra_body={"speculation": {"mode": "ssd"}})
+    assert got.choices[0].text == want.text and got.usage.completion_tokens == 16
