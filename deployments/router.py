@@ -21,6 +21,7 @@ from specserve.serving.router import RouterCore
 from specserve.sessions import open_store
 
 from .config import AppConfig
+from .health import HealthRoutes
 from .http import OpenAIRoutes
 from .http import app as http_app
 
@@ -77,12 +78,13 @@ def _fail(context, e: ApiError) -> None:
 
 @serve.deployment(name="Router")
 @serve.ingress(http_app)
-class Router(OpenAIRoutes):
+class Router(OpenAIRoutes, HealthRoutes):
     """gRPC: the methods below (Serve's gRPC proxy calls them by name). HTTP: the OpenAI API (deployments/http.py)."""
 
     def __init__(self, target, config: dict):
         cfg = AppConfig.model_validate(config)
         self.model_name = cfg.served_model_name()
+        self.needed = ("TargetDeployment",) + (("DraftDeployment",) if cfg.draft is not None else ())
         lim = cfg.limits
         self.limits = Limits(max_tokens=lim.max_tokens, default_max_tokens=lim.default_max_tokens,
                              max_prompt_chars=lim.max_prompt_chars, k_max=lim.k_max, modes=cfg.modes,

@@ -23,7 +23,7 @@ def serve_app(cfg: dict, name: str = APP, http_port: int | None = None):
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from deployments.app import GRPC_SERVICER, build_app
+    from deployments.app import GRPC_SERVICERS, build_app
 
     port = free_port()
     for attempt in range(3):  # a raylet now and then fails to come up on a busy 2-core machine
@@ -37,7 +37,7 @@ def serve_app(cfg: dict, name: str = APP, http_port: int | None = None):
             time.sleep(3)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()},
-                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))
+                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICERS))
         serve.run(build_app(cfg), name=name, route_prefix="/")
         yield f"127.0.0.1:{port}"
     finally:

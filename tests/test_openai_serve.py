@@ -229,16 +229,35 @@ _FIELD = {
     "speculation": st.fixed_dictionaries({}, optional={"mode": st.sampled_from(MODES + ["x"]) | _JSON,
                                                        "k": st.integers(-2, 20) | _JSON}) | _JSON,
 }
-_BODY = st.fixed_dictionaries({}, optional=_FIELD).map(json.dumps) | st.binary(max_size=60).map(
+_JUNK = st.fixed_dictionaries({}, optional=_FIELD).map(json.dumps) | st.binary(max_size=60).map(
     lambda b: b.decode("latin-1")) | _JSON.map(json.dumps)
+_NEAR = {"max_tokens": st.integers(-1, 6), "temperature": st.floats(0, 2), "top_p": st.floats(0.1, 1),
+         "seed": st.integers(0, 2 ** 64), "stop": st.text(min_size=1, max_size=3), "stream": st.booleans(),
+         "speculation": st.fixed_dictionaries({}, optional={"mode": st.sampled_from(MODES), "k": st.integers(0, 5)})}
+
+
+@st.composite
+def _request(draw):
+    """(path, body): a broken body, or a nearly valid one for that path (so the engine runs too)."""
+    path = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    if draw(st.booleans()):
+        return path, draw(_JUNK)
+    text = draw(st.text(min_size=1, max_size=30))
+    body = {"model": MODEL, **draw(st.fixed_dictionaries({}, optional=_NEAR))}
+    if path.endswith("/completions") and "chat" not in path:
+        body["prompt"] = text
+    else:
+        body["messages"] = [{"role": "user", "content": text}]
+    return path, json.dumps(body, ensure_ascii=draw(st.booleans()))
 
 
 _SEEN: set[int] = set()
 
 
 @settings(max_examples=320, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=_BODY)
-def test_fuzzed_bodies_get_documented_statuses(app, path, body):
+@given(req=_request())
+def test_fuzzed_bodies_get_documented_statuses(app, req):
+    path, body = req
     status, ctype, text = _http("POST", app[1] + path, body.encode("utf-8", "surrogatepass"),
                                 {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     assert status in DOCUMENTED, (body, status, text)
@@ -256,3 +275,44 @@ def test_the_server_answers_exactly_after_the_fuzz(oai, grpc_client):
     got = oai.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16,
                                  extra_body={"speculation": {"mode": "ssd"}})
     assert got.choices[0].text == want.text and got.usage.completion_tokens == 16
+
+
+# ---------------------------------------------------------------------------- gRPC health, reflection
+
+
+def test_reflection_lists_the_public_services(app):
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(app[0]) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                 timeout=30))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"specserve.v1.SpecServe", "grpc.health.v1.Health"} <= names, names
+
+
+def test_health_is_serving_and_not_serving_while_the_target_is_down(app):
+    """Last in the module: it kills the target replica and waits for Serve to bring one back."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from serve_helpers import deployment_stats, replica_actor
+
+    H = health_pb2.HealthCheckResponse
+    with grpc.insecure_channel(app[0]) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "specserve.v1.SpecServe"):  # no token needed: probes carry none
+            assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status == H.SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=180)
+        assert next(watch).status == H.SERVING
+        replica = deployment_stats("TargetDeployment")[0]["replica"]
+        ray.kill(replica_actor("TargetDeployment", replica), no_restart=True)
+        seen = [next(watch).status]  # Watch sends changes only: down, then up again (Serve restarts it)
+        seen.append(next(watch).status)
+        watch.cancel()
+        assert seen == [H.NOT_SERVING, H.SERVING]
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status == H.SERVING
