@@ -2,19 +2,17 @@
 
 Its methods carry the names of `specserve.v1.SpecServe`'s RPCs; each is a thin wrapper over
 `specserve.serving.router.RouterCore` that turns an `ApiError` into the gRPC status and records
-Prometheus metrics (`ray.serve.metrics`). Sessions are routed to the target replica holding their
+Prometheus metrics (deployments/metrics.py). Sessions are routed to the target replica holding their
 KV prefix with Serve's model multiplexing (`multiplexed_model_id=session_id`).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import AsyncIterator
 
 import grpc
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
 
 from specserve.serving.api import ApiError, GenParams, Limits, check_bearer, pb
 from specserve.serving.router import RouterCore
@@ -24,46 +22,7 @@ from .config import AppConfig
 from .health import HealthRoutes
 from .http import OpenAIRoutes
 from .http import app as http_app
-
-log = logging.getLogger("ray.serve")
-
-_LATENCY_BOUNDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
-
-
-class _Metrics:
-    def __init__(self):
-        tags = ("method",)
-        self.requests = Counter("specserve_requests", "Requests by method and gRPC status code.",
-                                tag_keys=("method", "code"))
-        self.tokens = Counter("specserve_tokens_generated", "New tokens sent to clients.", tag_keys=tags)
-        self.rounds = Counter("specserve_rounds", "Verification rounds (target forwards).", tag_keys=tags)
-        self.drafted = Counter("specserve_draft_tokens_proposed", "Draft tokens proposed.", tag_keys=tags)
-        self.accepted = Counter("specserve_draft_tokens_accepted", "Draft tokens accepted.", tag_keys=tags)
-        self.hits = Counter("specserve_speculation_cache_hits", "SSD proposals served from the cache.",
-                            tag_keys=tags)
-        self.misses = Counter("specserve_speculation_cache_misses", "SSD proposals drafted just in time.",
-                              tag_keys=tags)
-        self.latency = Histogram("specserve_request_latency_s", "Request latency in seconds.",
-                                 boundaries=_LATENCY_BOUNDS, tag_keys=tags)
-        self.ttft = Histogram("specserve_ttft_s", "Time to first token in seconds (target replica).",
-                              boundaries=_LATENCY_BOUNDS, tag_keys=tags)
-
-    def done(self, method: str, code: str, t0: float, stats: pb.Stats | None) -> None:
-        """Record one finished request (never fails it: metrics are best effort)."""
-        tags = {"method": method}
-        try:
-            self.requests.inc(1, {"method": method, "code": code})
-            self.latency.observe(time.perf_counter() - t0, tags)
-            if stats is not None:
-                for counter, key in ((self.tokens, "new_tokens"), (self.rounds, "rounds"),
-                                     (self.drafted, "draft_tokens"), (self.accepted, "accepted_tokens"),
-                                     (self.hits, "cache_hits"), (self.misses, "cache_misses")):
-                    if getattr(stats, key):
-                        counter.inc(getattr(stats, key), tags)
-                self.ttft.observe(stats.ttft_s, tags)
-        except Exception:  # pragma: no cover
-            log.exception("metrics failed")
-
+from .metrics import Metrics
 
 def _stats(msg) -> pb.Stats | None:
     """The stats a reply or a stream's last chunk carries, if any."""
@@ -92,7 +51,7 @@ class Router(OpenAIRoutes, HealthRoutes):
         self.target = target
         self.store = open_store(cfg.resolved_redis_url(), cfg.session_ttl_s)
         self.core = RouterCore(self.store, self._target, self.limits)
-        self.metrics = _Metrics()
+        self.metrics = Metrics(self.model_name)
         self.auth_token = cfg.resolved_auth_token()
 
     def _check_auth(self, grpc_context) -> None:
