@@ -66,7 +66,8 @@ class OpenAIRoutes:
 
     async def _body(self, request: Request) -> object:
         cap = 8 * self.limits.max_prompt_chars + (1 << 20)  # JSON may spend 6 bytes on a character
-        if int(request.headers.get("content-length") or 0) > cap:
+        declared = request.headers.get("content-length") or "0"
+        if declared.isdigit() and int(declared) > cap:  # refused before reading it
             raise ApiError("RESOURCE_EXHAUSTED", f"body is over {cap} bytes: shorten the prompt")
         raw = await request.body()
         if len(raw) > cap:
@@ -97,13 +98,13 @@ class OpenAIRoutes:
                                                  request.headers.get("x-session-token", ""))
             else:
                 chunks = self.core.generate_stream(r.request)
-            first = await anext(chunks)  # refusals before the first token are HTTP statuses
-        except StopAsyncIteration:  # pragma: no cover - the target always sends a last chunk
-            first = None
+            first = await anext(chunks, None)  # refusals before the first token are HTTP statuses
+            if first is None:  # the target always sends a last chunk with the stats
+                raise ApiError("UNAVAILABLE", "the target replica sent no reply: retry the request")
         except ApiError as e:
             self.metrics.done(method, e.code, t0, None)
             return _error(e, chat)
-        if first is not None and first.session_id:
+        if first.session_id:
             headers["X-Session-Id"] = first.session_id
             if first.session_token:
                 headers["X-Session-Token"] = first.session_token
@@ -135,6 +136,7 @@ class OpenAIRoutes:
         except ApiError as e:  # mid-stream: the status line is gone; OpenAI clients read an error event
             code = e.code
             yield oa.sse(oa.error_response(e, r.chat)[1])
-        finally:
-            self.metrics.done(method, code, t0, last.stats if last is not None and last.HasField("stats") else None)
+        finally:  # a client that went away closes this: close the router's stream too (stops the target)
+            self.metrics.done(method, code, t0, last.stats if last.HasField("stats") else None)
+            await chunks.aclose()
         yield oa.SSE_DONE

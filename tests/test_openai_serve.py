@@ -106,16 +106,31 @@ def test_usage_is_exact_when_a_stop_string_ends_it(oai, grpc_client):
     assert got.usage.completion_tokens == want.stats.new_tokens == len(want.token_ids) < 40
 
 
-def test_usage_is_exact_until_eos_or_the_budget(oai, grpc_client):
-    """Long runs: whichever ends them (EOS or max_tokens), usage counts exactly the tokens sent."""
-    reasons = set()
-    for prompt in PROMPTS:
-        want = grpc_client.generate(prompt, max_tokens=400, mode="sd")
-        got = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=400)
-        assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
-        assert got.choices[0].finish_reason == {"eos": "stop", "length": "length"}[want.stats.finish_reason]
-        reasons.add(want.stats.finish_reason)
-    assert reasons <= {"eos", "length"}
+@pytest.fixture(scope="module")
+def eos_prompt(tiny):
+    """A one-token prompt after which the tiny target's greedy output ends at EOS (searched, seed 0)."""
+    from specserve.engine.speculative import SpecConfig, generate
+
+    lm = tiny["target"]
+    for t in range(1, lm.vocab_size):
+        chunks = list(generate(lm, None, [t], 30, spec=SpecConfig(mode="ar")))
+        if chunks[-1].finish_reason == "eos":
+            return [t]
+    pytest.fail("no one-token prompt of the tiny target ends at EOS within 30 tokens")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_usage_is_exact_when_eos_ends_it(oai, grpc_client, eos_prompt, mode):
+    want = grpc_client.generate(eos_prompt, max_tokens=30, mode=mode)
+    assert want.stats.finish_reason == "eos"
+    got = oai.completions.create(model=MODEL, prompt=eos_prompt, max_tokens=30,
+                                 extra_body={"speculation": {"mode": mode}})
+    assert got.choices[0].text == want.text and got.choices[0].finish_reason == "stop"
+    assert got.usage.completion_tokens == want.stats.new_tokens == len(want.token_ids) < 30
+    assert got.usage.prompt_tokens == 1
+    text, chunks = _stream_text(oai.completions.create(model=MODEL, prompt=eos_prompt, max_tokens=30, stream=True,
+                                                       stream_options={"include_usage": True}))
+    assert text == want.text and chunks[-1].usage.completion_tokens == len(want.token_ids)
 
 
 def test_chat_plain_and_streamed_agree(oai):
