@@ -39,6 +39,10 @@ def test_a_chat_body_keeps_the_conversation_for_the_template():
         M)
     assert r.chat and r.request.max_tokens == 5
     assert r.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    reply = {"role": "assistant", "content": "yo", "refusal": None, "tool_calls": None, "annotations": []}
+    r = oa.parse_chat_completion({"model": M, "messages": [{"role": "user", "content": "a"}, reply,
+                                                           {"role": "user", "content": "b"}]}, M)
+    assert r.messages[1] == {"role": "assistant", "content": "yo"}
 
 
 @pytest.mark.parametrize("body,param,status", [
@@ -73,6 +77,8 @@ def test_completion_refusals_name_the_field(body, param, status):
      "response_format"),
     ({"model": M, "messages": [{"role": "user", "content": "x"}], "functions": [{}]}, "functions"),
     ({"model": M, "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"model": M, "messages": [{"role": "assistant", "content": "x", "tool_calls": [{}]},
+                               {"role": "user", "content": "y"}]}, "messages[0]"),
 ])
 def test_chat_refusals_name_the_field(body, param):
     code, err = _err(oa.parse_chat_completion, body, M)
@@ -102,8 +108,8 @@ def test_status_mapping_and_the_error_shape():
     # the target refusing for lack of room (or Serve's back-pressure) is a full queue, not a big request
     assert isinstance(target_error(ApiError("RESOURCE_EXHAUSTED", "queue")), QueueFull)
     assert isinstance(target_error(type("BackPressureError", (Exception,), {})("q")), QueueFull)
-    assert oa.error_response(ApiError("UNAUTHENTICATED", "send the metadata 'authorization: Bearer <token>' "
-                                      "(Client(..., token=...))"))[1]["error"]["message"].endswith("(OpenAI(api_key=...))")
+    auth = ApiError("UNAUTHENTICATED", "send the metadata 'authorization: Bearer <token>' (Client(..., token=...))")
+    assert oa.error_response(auth)[1]["error"]["message"].endswith("(OpenAI(api_key=...))")
     with pytest.raises(ApiError) as e:
         oa.parse_json(b"{not json")
     assert oa.error_response(e.value)[0] == 400

@@ -80,7 +80,8 @@ def _stream_text(stream) -> tuple[str, list]:
 def test_completions_equal_grpc_generate_in_every_mode(oai, grpc_client, mode):
     for prompt in PROMPTS:
         want = grpc_client.generate(prompt, max_tokens=24, mode=mode)
-        got = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=24, extra_body={"speculation": {"mode": mode}})
+        got = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                     extra_body={"speculation": {"mode": mode}})
         assert got.choices[0].text == want.text, (mode, prompt)
         assert got.usage.completion_tokens == len(want.token_ids) == 24 and got.choices[0].finish_reason == "length"
         assert got.usage.prompt_tokens == want.stats.prompt_tokens > 0

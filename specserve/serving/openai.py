@@ -180,7 +180,10 @@ def parse_completion(body: Any, served_model: str) -> OpenAIRequest:
 
 
 def _content(i: int, m: Any) -> dict:
-    if not isinstance(m, dict) or m.get("role") not in _ROLES or set(m) - {"role", "content", "name"}:
+    # a reply passed back as it came (message.model_dump()) carries these, empty
+    extra = {k for k, v in m.items() if k not in ("role", "content", "name") and v not in (None, [], "")} \
+        if isinstance(m, dict) else set()
+    if not isinstance(m, dict) or m.get("role") not in _ROLES or extra:
         raise _bad(f"messages[{i}]", f"messages[{i}] is {_show(m)}: give {{\"role\": \"system\" | \"user\" | "
                                      "\"assistant\", \"content\": \"...\"}")
     c = m.get("content")
