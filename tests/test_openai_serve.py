@@ -35,7 +35,7 @@ DOCUMENTED = {200, 400, 404, 409, 413}  # what a body alone can get (401/429/503
 def app(tiny_dir):
     cfg = {
         "target": {"model": str(tiny_dir / "target"), "threads": 1, "draft_timeout_s": 10.0,
-                   "replicas": {"num_cpus": 0.3}},
+                   "replicas": {"num_cpus": 0.3, "max_ongoing_requests": 1, "max_queued_requests": 1}},
         "draft": {"model": str(tiny_dir / "draft-same"), "quantize": "none", "threads": 1,
                   "host": "127.0.0.1", "replicas": {"num_cpus": 0.3}},
         "router": {"num_cpus": 0.1},
@@ -291,6 +291,32 @@ def test_the_server_answers_exactly_after_the_fuzz(oai, grpc_client):
     got = oai.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16,
                                  extra_body={"speculation": {"mode": "ssd"}})
     assert got.choices[0].text == want.text and got.usage.completion_tokens == 16
+
+
+def test_a_full_target_queue_is_429_and_the_rest_stay_exact(app, oai, grpc_client):
+    """The target takes 1 request and queues 1 (this module's config): 6 at once overflow it."""
+    import threading
+
+    want = grpc_client.generate(PROMPTS[0], max_tokens=400, mode="ar").text
+    results: list = [None] * 6
+    start = threading.Barrier(len(results))
+
+    def one(i):
+        start.wait()
+        try:
+            results[i] = oai.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=400,
+                                                extra_body={"speculation": {"mode": "ar"}}).choices[0].text
+        except openai.RateLimitError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert refused and all("queue is full" in e.message for e in refused), results
+    assert [r for r in results if not isinstance(r, openai.RateLimitError)] == [want] * (6 - len(refused))
 
 
 # ---------------------------------------------------------------------------- gRPC health, reflection
