@@ -15,6 +15,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_config(tiny_dir, target_replicas: dict | None = None, **top) -> dict:
+    """An AppConfig dict for the tiny pair: target + draft-same (ssd) on small CPU shares, `top` on top."""
+    draft = {"model": str(tiny_dir / "draft-same"), "quantize": "none", "host": "127.0.0.1"}
+    return {"target": {"model": str(tiny_dir / "target"), "threads": 1, "draft_timeout_s": 10.0,
+                       "replicas": {"num_cpus": 0.3, **(target_replicas or {})}},
+            "draft": {**draft, "threads": 1, "replicas": {"num_cpus": 0.3}}, "router": {"num_cpus": 0.1}, **top}
+
+
 @contextlib.contextmanager
 def serve_app(cfg: dict, name: str = APP, http_port: int | None = None):
     """Local Ray (2 CPUs), Serve with the gRPC proxy on a free port (HTTP on `http_port` or a free one),

@@ -16,7 +16,7 @@ import pytest
 
 from specserve.client import Client
 
-from serve_helpers import free_port, serve_app
+from serve_helpers import free_port, serve_app, tiny_config
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -33,15 +33,8 @@ DOCUMENTED = {200, 400, 404, 409, 413}  # what a body alone can get (401/429/503
 
 @pytest.fixture(scope="module")
 def app(tiny_dir):
-    cfg = {
-        "target": {"model": str(tiny_dir / "target"), "threads": 1, "draft_timeout_s": 10.0,
-                   "replicas": {"num_cpus": 0.3, "max_ongoing_requests": 1, "max_queued_requests": 1}},
-        "draft": {"model": str(tiny_dir / "draft-same"), "quantize": "none", "threads": 1,
-                  "host": "127.0.0.1", "replicas": {"num_cpus": 0.3}},
-        "router": {"num_cpus": 0.1},
-        "auth_token": TOKEN,
-        "limits": {"max_tokens": 400, "default_max_tokens": 4, "max_prompt_chars": 5000},
-    }
+    cfg = tiny_config(tiny_dir, {"max_ongoing_requests": 1, "max_queued_requests": 1}, auth_token=TOKEN,
+                      limits={"max_tokens": 400, "default_max_tokens": 4, "max_prompt_chars": 5000})
     port = free_port()
     with serve_app(cfg, http_port=port) as address:
         yield address, f"http://127.0.0.1:{port}"
