@@ -12,9 +12,11 @@ from .draft import DraftDeployment
 from .router import Router
 from .target import TargetDeployment
 
-__all__ = ["build_app", "AppConfig", "GRPC_SERVICER"]
+__all__ = ["build_app", "AppConfig", "GRPC_SERVICER", "GRPC_SERVICERS"]
 
 GRPC_SERVICER = "specserve.v1.serving_pb2_grpc.add_SpecServeServicer_to_server"
+HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
+GRPC_SERVICERS = [GRPC_SERVICER, HEALTH_SERVICER]  # gRPCOptions.grpc_servicer_functions (Router answers both)
 
 
 def build_app(args: AppConfig) -> Application:

@@ -33,6 +33,9 @@ class Replicas(_Strict):
     """Serve adds replicas when the ongoing requests per replica exceed this."""
     max_ongoing_requests: int = Field(8, ge=1)
     """Requests one replica takes at once; more wait in the router's queue."""
+    max_queued_requests: int = Field(-1, ge=-1)
+    """Requests that may wait in a caller's queue for this deployment (-1: no limit); beyond it a request
+    is refused at once: RESOURCE_EXHAUSTED over gRPC, 429 over HTTP (retry later)."""
     upscale_delay_s: float = Field(2.0, ge=0)
     """How long the load must stay high before Serve adds a replica."""
     downscale_delay_s: float = Field(30.0, ge=0)
@@ -67,6 +70,7 @@ class Replicas(_Strict):
                 "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
             },
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
                                   **({"resources": dict(self.resources)} if self.resources else {})},
         }
@@ -213,6 +217,10 @@ class AppConfig(_Strict):
             if not tok:
                 raise ValueError(f"auth_token is env:{name} but ${name} is not set in the router's environment")
         return tok or None
+
+    def served_model_name(self) -> str:
+        """The `model` the OpenAI API serves: the target's name (a directory's last component)."""
+        return self.target.model.rstrip("/").rsplit("/", 1)[-1]
 
 
 def load_serve_config(path: str) -> tuple[AppConfig, dict]:

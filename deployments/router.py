@@ -1,74 +1,32 @@
-"""Router: the ingress deployment behind Ray Serve's gRPC proxy (the user-defined servicer).
+"""Router: the ingress deployment behind Ray Serve's gRPC proxy (the user-defined servicer) and HTTP proxy.
 
 Its methods carry the names of `specserve.v1.SpecServe`'s RPCs; each is a thin wrapper over
 `specserve.serving.router.RouterCore` that turns an `ApiError` into the gRPC status and records
-Prometheus metrics (`ray.serve.metrics`). Sessions are routed to the target replica holding their
+Prometheus metrics (deployments/metrics.py). Sessions are routed to the target replica holding their
 KV prefix with Serve's model multiplexing (`multiplexed_model_id=session_id`).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import AsyncIterator
 
 import grpc
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
 
 from specserve.serving.api import ApiError, GenParams, Limits, check_bearer, pb
 from specserve.serving.router import RouterCore
 from specserve.sessions import open_store
 
 from .config import AppConfig
-
-log = logging.getLogger("ray.serve")
-
-_LATENCY_BOUNDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
-
-
-class _Metrics:
-    def __init__(self):
-        tags = ("method",)
-        self.requests = Counter("specserve_requests", "Requests by method and gRPC status code.",
-                                tag_keys=("method", "code"))
-        self.tokens = Counter("specserve_tokens_generated", "New tokens sent to clients.", tag_keys=tags)
-        self.rounds = Counter("specserve_rounds", "Verification rounds (target forwards).", tag_keys=tags)
-        self.drafted = Counter("specserve_draft_tokens_proposed", "Draft tokens proposed.", tag_keys=tags)
-        self.accepted = Counter("specserve_draft_tokens_accepted", "Draft tokens accepted.", tag_keys=tags)
-        self.hits = Counter("specserve_speculation_cache_hits", "SSD proposals served from the cache.",
-                            tag_keys=tags)
-        self.misses = Counter("specserve_speculation_cache_misses", "SSD proposals drafted just in time.",
-                              tag_keys=tags)
-        self.latency = Histogram("specserve_request_latency_s", "Request latency in seconds.",
-                                 boundaries=_LATENCY_BOUNDS, tag_keys=tags)
-        self.ttft = Histogram("specserve_ttft_s", "Time to first token in seconds (target replica).",
-                              boundaries=_LATENCY_BOUNDS, tag_keys=tags)
-
-    def done(self, method: str, code: str, t0: float, stats: pb.Stats | None) -> None:
-        """Record one finished request (never fails it: metrics are best effort)."""
-        tags = {"method": method}
-        try:
-            self.requests.inc(1, {"method": method, "code": code})
-            self.latency.observe(time.perf_counter() - t0, tags)
-            if stats is not None:
-                for counter, key in ((self.tokens, "new_tokens"), (self.rounds, "rounds"),
-                                     (self.drafted, "draft_tokens"), (self.accepted, "accepted_tokens"),
-                                     (self.hits, "cache_hits"), (self.misses, "cache_misses")):
-                    if getattr(stats, key):
-                        counter.inc(getattr(stats, key), tags)
-                self.ttft.observe(stats.ttft_s, tags)
-        except Exception:  # pragma: no cover
-            log.exception("metrics failed")
-
+from .health import HealthRoutes
+from .http import OpenAIRoutes
+from .http import app as http_app
+from .metrics import Metrics
 
 def _stats(msg) -> pb.Stats | None:
     """The stats a reply or a stream's last chunk carries, if any."""
     return msg.stats if msg is not None and msg.HasField("stats") else None
-
-
-_HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
-         "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 413, "UNAVAILABLE": 503}
 
 
 def _fail(context, e: ApiError) -> None:
@@ -78,9 +36,14 @@ def _fail(context, e: ApiError) -> None:
 
 
 @serve.deployment(name="Router")
-class Router:
+@serve.ingress(http_app)
+class Router(OpenAIRoutes, HealthRoutes):
+    """gRPC: the methods below (Serve's gRPC proxy calls them by name). HTTP: the OpenAI API (deployments/http.py)."""
+
     def __init__(self, target, config: dict):
         cfg = AppConfig.model_validate(config)
+        self.model_name = cfg.served_model_name()
+        self.needed = ("TargetDeployment",) + (("DraftDeployment",) if cfg.draft is not None else ())
         lim = cfg.limits
         self.limits = Limits(max_tokens=lim.max_tokens, default_max_tokens=lim.default_max_tokens,
                              max_prompt_chars=lim.max_prompt_chars, k_max=lim.k_max, modes=cfg.modes,
@@ -88,7 +51,7 @@ class Router:
         self.target = target
         self.store = open_store(cfg.resolved_redis_url(), cfg.session_ttl_s)
         self.core = RouterCore(self.store, self._target, self.limits)
-        self.metrics = _Metrics()
+        self.metrics = Metrics(self.model_name)
         self.auth_token = cfg.resolved_auth_token()
 
     def _check_auth(self, grpc_context) -> None:
@@ -145,31 +108,3 @@ class Router:
     async def DeleteSession(self, request: pb.DeleteSessionRequest, grpc_context=None) -> pb.DeleteSessionReply:
         return await self._unary("DeleteSession", self.core.delete_session(request), pb.DeleteSessionReply(),
                                  grpc_context)
-
-    # ------------------------------------------------------------------ optional HTTP (JSON)
-
-    async def __call__(self, request):
-        """GET /: what this server runs. POST /generate: a GenerateRequest as JSON -> GenerateReply as JSON."""
-        from google.protobuf import json_format
-        from starlette.responses import JSONResponse
-
-        if request.method == "GET":
-            return JSONResponse({"service": "specserve.v1.SpecServe", "modes": list(self.limits.modes),
-                                 "default_mode": self.limits.default_mode, "max_tokens": self.limits.max_tokens})
-        if request.method != "POST" or request.url.path.rstrip("/").split("/")[-1] != "generate":
-            return JSONResponse({"error": "POST /generate with a GenerateRequest as JSON (or GET / for info)"},
-                                status_code=404)
-        try:
-            req = json_format.ParseDict(await request.json(), pb.GenerateRequest())
-        except Exception as e:
-            return JSONResponse({"error": f"body is not a GenerateRequest in JSON: {e}"}, status_code=400)
-        t0, code = time.perf_counter(), "OK"
-        try:
-            check_bearer(self.auth_token, request.headers.get("authorization"))
-            reply = await self.core.generate(req)
-            return JSONResponse(json_format.MessageToDict(reply, preserving_proto_field_name=True))
-        except ApiError as e:
-            code = e.code
-            return JSONResponse({"error": e.message, "code": e.code}, status_code=_HTTP.get(e.code, 500))
-        finally:
-            self.metrics.done("http_generate", code, t0, None)

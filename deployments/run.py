@@ -20,12 +20,12 @@ def start(cfg: AppConfig, grpc_port: int = 9000, http_port: int = 8000, host: st
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from .app import GRPC_SERVICER, build_app
+    from .app import GRPC_SERVICERS, build_app
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": http_port},
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
     serve.run(build_app(cfg), name=app_name, route_prefix="/")
     return f"{host}:{grpc_port}"
 
@@ -49,7 +49,7 @@ def run(cfg: AppConfig, grpc_port: int = 9000, http_port: int = 8000, host: str 
           file=sys.stderr, flush=True)
     address = start(cfg, grpc_port, http_port, host)
     print(f"specserve ready in {time.perf_counter() - t0:.0f} s: gRPC {address} (specserve.v1.SpecServe), "
-          f"HTTP http://{host}:{http_port}/generate", file=sys.stderr, flush=True)
+          f"OpenAI-compatible HTTP http://{host}:{http_port}/v1", file=sys.stderr, flush=True)
     try:
         if ask:
             _ask(address, ask)

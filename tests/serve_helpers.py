@@ -15,14 +15,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_config(tiny_dir, target_replicas: dict | None = None, **top) -> dict:
+    """An AppConfig dict for the tiny pair: target + draft-same (ssd) on small CPU shares, `top` on top."""
+    draft = {"model": str(tiny_dir / "draft-same"), "quantize": "none", "host": "127.0.0.1"}
+    return {"target": {"model": str(tiny_dir / "target"), "threads": 1, "draft_timeout_s": 10.0,
+                       "replicas": {"num_cpus": 0.3, **(target_replicas or {})}},
+            "draft": {**draft, "threads": 1, "replicas": {"num_cpus": 0.3}}, "router": {"num_cpus": 0.1}, **top}
+
+
 @contextlib.contextmanager
-def serve_app(cfg: dict, name: str = APP):
-    """Local Ray (2 CPUs), Serve with the gRPC proxy on a free port, the app; yields host:port."""
+def serve_app(cfg: dict, name: str = APP, http_port: int | None = None):
+    """Local Ray (2 CPUs), Serve with the gRPC proxy on a free port (HTTP on `http_port` or a free one),
+    the app; yields the gRPC host:port."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from deployments.app import GRPC_SERVICER, build_app
+    from deployments.app import GRPC_SERVICERS, build_app
 
     port = free_port()
     for attempt in range(3):  # a raylet now and then fails to come up on a busy 2-core machine
@@ -35,8 +44,8 @@ def serve_app(cfg: dict, name: str = APP):
                 raise
             time.sleep(3)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()},
+                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICERS))
         serve.run(build_app(cfg), name=name, route_prefix="/")
         yield f"127.0.0.1:{port}"
     finally:

@@ -36,13 +36,13 @@ def test_every_config_field_is_documented():
 def test_serve_yaml_parses_with_rays_schema_and_the_builder_accepts_it():
     from ray.serve.schema import ServeDeploySchema
 
-    from deployments.app import GRPC_SERVICER, build_app
+    from deployments.app import GRPC_SERVICERS, build_app
 
     raw = yaml.safe_load(SERVE_YAML.read_text())
     schema = ServeDeploySchema.model_validate(raw)
     app = schema.applications[0]
     assert app.import_path == "deployments.app:build_app"
-    assert GRPC_SERVICER in raw["grpc_options"]["grpc_servicer_functions"]
+    assert set(GRPC_SERVICERS) <= set(raw["grpc_options"]["grpc_servicer_functions"])  # SpecServe and Health
     cfg, _ = load_serve_config(str(SERVE_YAML))
     assert cfg == AppConfig.model_validate(app.args)
     assert build_app(app.args) is not None and build_app(cfg) is not None

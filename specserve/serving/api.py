@@ -18,7 +18,7 @@ from ..engine import defaults
 from ..sessions.store import SESSION_ID
 from ..v1 import serving_pb2 as pb
 
-__all__ = ["pb", "ApiError", "Limits", "GenParams", "parse_generate", "parse_chat", "check_session_id",
+__all__ = ["pb", "ApiError", "QueueFull", "Limits", "GenParams", "parse_generate", "parse_chat", "check_session_id",
            "check_bearer", "session_token", "check_session_token",
            "stats_message", "chunk_message", "reply_message", "session_message", "MODE_NAMES"]
 
@@ -34,6 +34,16 @@ class ApiError(Exception):
 
     def __reduce__(self):  # survives pickling across Ray actors with its code
         return (ApiError, (self.code, self.message))
+
+
+class QueueFull(ApiError):
+    """RESOURCE_EXHAUSTED because the target's queue is full (retry later; HTTP 429), not a too-large request."""
+
+    def __init__(self, message: str):
+        super().__init__("RESOURCE_EXHAUSTED", message)
+
+    def __reduce__(self):
+        return (QueueFull, (self.message,))
 
 
 def _invalid(message: str) -> ApiError:

@@ -34,12 +34,12 @@ from typing import AsyncIterator, Iterator
 from ..engine.engine import Engine
 from ..engine.lm import LM, KVCache
 from ..engine.sampling import SamplingParams
-from ..engine.scheduler import QueueFull
+from ..engine.scheduler import QueueFull as EngineQueueFull
 from ..engine.sequence import Request, SpeculationParams
 from ..engine.speculative import SpecConfig, Stats, generate
 from ..pipeline.drafters import make_drafter
 from ..pipeline.remote_drafter import DraftClient
-from .api import ApiError, GenParams
+from .api import ApiError, GenParams, QueueFull
 from .engine_loop import EngineLoop
 
 __all__ = ["TargetReplica", "SessionCache", "stream_in_pool", "rss_mb"]
@@ -181,8 +181,8 @@ class TargetReplica:
                 if st is not None:
                     msg["stats"] = self._stats(st, p.mode)
                 yield msg
-        except QueueFull as e:
-            raise ApiError("RESOURCE_EXHAUSTED", f"{e}: the target replica is at capacity") from None
+        except EngineQueueFull as e:
+            raise QueueFull(f"{e}: the target replica is at capacity") from None
         except ValueError as e:  # the engine's own checks
             raise ApiError("INVALID_ARGUMENT", str(e)) from None
 

@@ -25,8 +25,8 @@ import logging
 from typing import AsyncIterator, Callable
 
 from ..sessions import SessionBusy, SessionError, SessionNotFound, SessionStore, StoreUnavailable
-from .api import (ApiError, GenParams, Limits, check_session_id, check_session_token, chunk_message, parse_chat,
-                  parse_generate, pb, reply_message, session_message, session_token)
+from .api import (ApiError, GenParams, Limits, QueueFull, check_session_id, check_session_token, chunk_message,
+                  parse_chat, parse_generate, pb, reply_message, session_message, session_token)
 
 __all__ = ["RouterCore", "TargetCall", "store_error", "target_error"]
 
@@ -48,11 +48,12 @@ def store_error(e: SessionError) -> ApiError:
 
 def target_error(e: BaseException) -> ApiError:
     """Anything the target raised -> ApiError (its own, or UNAVAILABLE: a replica died; retry)."""
-    if isinstance(e, ApiError):
-        return e
     cause = getattr(e, "cause", None)  # Ray wraps a replica's exception; keep its code
-    if isinstance(cause, ApiError):
-        return ApiError(cause.code, cause.message)
+    err = e if isinstance(e, ApiError) else cause if isinstance(cause, ApiError) else None
+    if err is not None:  # the target refuses work for lack of room: its queue is full (429 over HTTP)
+        return QueueFull(err.message) if err.code == "RESOURCE_EXHAUSTED" else err
+    if type(e).__name__ == "BackPressureError":  # Serve: the deployment's max_queued_requests is reached
+        return QueueFull(f"the target's queue is full ({e}): retry later, or add target replicas")
     log.warning("target failed: %s: %s", type(e).__name__, e)
     return ApiError("UNAVAILABLE", f"the target replica failed ({type(e).__name__}): retry the request; "
                                    "a chat session keeps every token committed before the failure")
@@ -107,19 +108,49 @@ class RouterCore:
 
     async def chat(self, req: pb.ChatRequest) -> AsyncIterator[pb.GenerateChunk]:
         p = parse_chat(req, self.limits)  # 1.
-        new_token = ""
+        sid, new_token = await self._open(req.session_id, req.session_token, req.system)
+        async for msg in self._turn(p, sid, new_token, req.message, None):
+            yield msg
+
+    async def chat_messages(self, req: pb.GenerateRequest, messages: list[dict], session_id: str | None = None,
+                            session_token: str = "") -> AsyncIterator[pb.GenerateChunk]:
+        """A whole conversation from the client (OpenAI chat completions), validated as Generate is.
+
+        session_id None: stateless, no KV reuse. "" : a new session (its id and token in every chunk).
+        An id: that session's turn, routed to the replica holding its KV prefix; the client's
+        `messages` are templated as sent, the store keeps the user message and the reply.
+        """
+        p = parse_generate(req, self.limits)
+        p.prompt, p.chat, p.messages = "", False, list(messages)
+        if session_id is None:
+            async for chunk in self._stream(p, ""):
+                yield chunk_message(chunk)
+            return
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        sid, new_token = await self._open(session_id, session_token, system)
+        async for msg in self._turn(p, sid, new_token, messages[-1]["content"], p.messages):
+            yield msg
+
+    async def _open(self, session_id: str, token: str, system: str) -> tuple[str, str]:
+        """The session of a turn: an existing one (its token checked) or a new one (id, new token)."""
         try:
-            if req.session_id:
-                sid = await self._authorize(req.session_id, req.session_token)
-            else:
-                sid = (await self.store.create(system=req.system or None)).id
-                new_token = session_token(await self._session_key(), sid)
-            turn = await self.store.begin_turn(sid, req.message, self.lease_s)  # 2.
+            if session_id:
+                return await self._authorize(session_id, token), ""
+            sid = (await self.store.create(system=system or None)).id
+            return sid, session_token(await self._session_key(), sid)
+        except SessionError as e:
+            raise store_error(e) from None
+
+    async def _turn(self, p: GenParams, sid: str, new_token: str, message: str,
+                    messages: list[dict] | None) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            turn = await self.store.begin_turn(sid, message, self.lease_s)  # 2.
             session = await self.store.get(sid)
         except SessionError as e:
             raise store_error(e) from None
-        turns = session.turns[:-1] if session.busy and session.turns[-1].role == "assistant" else session.turns
-        p.messages = [{"role": t.role, "content": t.content} for t in turns]
+        if messages is None:
+            turns = session.turns[:-1] if session.busy and session.turns[-1].role == "assistant" else session.turns
+            p.messages = [{"role": t.role, "content": t.content} for t in turns]
         complete, replica = False, ""
         try:
             async for chunk in self._stream(p, sid):  # 3.
