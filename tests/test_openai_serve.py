@@ -35,6 +35,7 @@ DOCUMENTED = {200, 400, 404, 409, 413}  # what a body alone can get (401/429/503
 def app(tiny_dir):
     cfg = tiny_config(tiny_dir, {"max_ongoing_requests": 1, "max_queued_requests": 1}, auth_token=TOKEN,
                       limits={"max_tokens": 400, "default_max_tokens": 4, "max_prompt_chars": 5000})
+    cfg["target"]["max_num_seqs"] = 1  # one request at a time per replica: Serve's own queue fills (429)
     port = free_port()
     with serve_app(cfg, http_port=port) as address:
         yield address, f"http://127.0.0.1:{port}"
