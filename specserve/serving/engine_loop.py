@@ -56,7 +56,6 @@ class EngineLoop:
         self._wake = threading.Event()
         self._closed = False
         self._idle_s = idle_s
-        self.rounds = 0
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -133,7 +132,6 @@ class EngineLoop:
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
-            self.rounds += 1
             for rid, chunk in events:
                 self._deliver(rid, chunk)
         self._fail_all(RuntimeError("the engine loop was closed"))

@@ -161,15 +161,24 @@ class TargetReplica:
         d.update(mode=mode, replica=self.replica, fallback=st.fallback or fallback)
         return d
 
+    @staticmethod
+    def _message(chunk, stats: dict | None) -> dict:
+        msg = {"token_ids": chunk.token_ids, "text": chunk.text, "finish_reason": chunk.finish_reason}
+        if stats is not None:
+            msg["stats"] = stats
+        return msg
+
     async def generate(self, p: GenParams, session: SessionCache | None, pool: Executor) -> AsyncIterator[dict]:
         """Run one generation, batched when it can be (see the module docstring)."""
         self._check_mode(p)
-        if self.loop is None or session is not None or p.mode not in ("ar", "sd"):
-            async for msg in stream_in_pool(self.stream(p, session), pool):
-                yield msg
-            return
-        ids = self.encode(p)
-        if len(ids) + p.max_tokens > self.loop.engine.max_model_len:  # too long to batch: on its own
+        ids = None
+        if self.loop is not None and session is None and p.mode in ("ar", "sd"):
+            ids = self.encode(p)
+            if len(ids) + p.max_tokens > self.loop.engine.max_model_len:  # too long to batch: on its own
+                async for msg in stream_in_pool(self.stream(p, session, ids), pool):
+                    yield msg
+                return
+        if ids is None:
             async for msg in stream_in_pool(self.stream(p, session), pool):
                 yield msg
             return
@@ -177,19 +186,20 @@ class TargetReplica:
                       SpeculationParams(p.mode, p.k))
         try:
             async for chunk, st in self.loop.stream(req):
-                msg = {"token_ids": chunk.token_ids, "text": chunk.text, "finish_reason": chunk.finish_reason}
-                if st is not None:
-                    msg["stats"] = self._stats(st, p.mode)
-                yield msg
+                yield self._message(chunk, self._stats(st, p.mode) if st is not None else None)
         except EngineQueueFull as e:
             raise QueueFull(f"{e}: the target replica is at capacity") from None
         except ValueError as e:  # the engine's own checks
             raise ApiError("INVALID_ARGUMENT", str(e)) from None
 
-    def stream(self, p: GenParams, session: SessionCache | None = None) -> Iterator[dict]:
-        """Run one generation on its own; yield {token_ids, text, finish_reason, stats (last chunk only)}."""
+    def stream(self, p: GenParams, session: SessionCache | None = None,
+               ids: list[int] | None = None) -> Iterator[dict]:
+        """Run one generation on its own; yield {token_ids, text, finish_reason, stats (last chunk only)}.
+
+        `ids`: the prompt already encoded by the caller (else it is encoded here).
+        """
         self._check_mode(p)
-        ids = self.encode(p)
+        ids = self.encode(p) if ids is None else ids
         sp = SamplingParams(p.temperature, p.top_k, p.top_p)
         st = Stats()
         mode, fallback = p.mode, ""
@@ -208,10 +218,7 @@ class TargetReplica:
         try:
             for chunk in generate(self.target, draft, ids, p.max_tokens, sp, spec, p.seed, p.stop, st, kv):  # 4.
                 out += chunk.token_ids
-                msg = {"token_ids": chunk.token_ids, "text": chunk.text, "finish_reason": chunk.finish_reason}
-                if chunk.finish_reason:
-                    msg["stats"] = self._stats(st, mode, fallback)
-                yield msg
+                yield self._message(chunk, self._stats(st, mode, fallback) if chunk.finish_reason else None)
         except ValueError as e:  # the engine's own checks (a bad token id, ...)
             raise ApiError("INVALID_ARGUMENT", str(e)) from None
         finally:

@@ -24,17 +24,11 @@ from ..engine.engine import Engine
 from ..engine.lm import LM
 from ..engine.sampling import SamplingParams
 from ..engine.sequence import Request, SpeculationParams
+from .bench import _first_diff, run_one
 
 __all__ = ["BATCH_MODES", "run_levels", "logit_gap", "format_levels", "plot_levels"]
 
 BATCH_MODES = ("ar", "sd", "hf-assisted")
-
-
-def _first_diff(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 @torch.inference_mode()
@@ -81,8 +75,6 @@ def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: Sam
 
 
 def _run_hf_sequential(target, draft, encoded, C, max_new, sp, seed, bar=None) -> tuple[list[dict], float, dict]:
-    from .bench import run_one
-
     records, t0 = [], time.perf_counter()
     for i, (p, ids) in enumerate(encoded):
         r = run_one("hf-assisted", target, draft, ids, max_new, sp, seed=seed + i)
