@@ -1,12 +1,13 @@
 """TargetDeployment: a Ray Serve replica that owns the target model and runs the verify loop.
 
-`generate(params)` streams chunk dicts. Stateless ar and sd requests join the replica's batching
-engine (`target.max_num_seqs` sequences share every forward; `target.max_queue_len` more wait,
-beyond that RESOURCE_EXHAUSTED). A request sent with `multiplexed_model_id=session_id` gets that
-session's KV cache: Serve's model multiplexing routes a session back to the replica that already
-holds it and drops least-recently-used caches (`target.session_cache_size`); any other replica
-re-prefills from the history the router sends. Session turns and ssd run per sequence in a thread
-pool, one step per round. Either way a cancelled request stops after its current round.
+`generate(params)` streams chunk dicts. ar and sd requests join the replica's batching engine
+(`target.max_num_seqs` sequences share every forward; `target.max_queue_len` more wait, beyond
+that RESOURCE_EXHAUSTED). A request sent with `multiplexed_model_id=session_id` is a session's
+turn: Serve's model multiplexing routes a session back to the replica that already holds its KV
+prefix (a parked engine slot for ar/sd turns, the session's own cache for ssd turns; at most
+`target.session_cache_size` sessions per replica, least recently used dropped first); any other
+replica re-prefills from the history the router sends. ssd runs per sequence in a thread pool,
+one step per round. Either way a cancelled request stops after its current round.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ log = logging.getLogger("ray.serve")
 
 
 async def _new_session_cache(session_id: str) -> SessionCache:
-    return SessionCache()
+    return SessionCache(key=session_id)
 
 
 @serve.deployment(name="TargetDeployment")

@@ -135,6 +135,37 @@ def test_k_0_skips_the_draft_and_the_draft_catches_up_when_speculation_resumes(t
     assert eng.policy.k > 0 and eng.stats.draft_tokens > 0 and eng.stats.accepted_tokens == eng.stats.draft_tokens
 
 
+def only(res):
+    (tokens, _, seq), = res.values()
+    return tokens, seq
+
+
+def test_a_session_key_parks_its_slot_and_the_next_turn_keeps_the_common_prefix(tiny, prompts):
+    """Turn 2 = turn 1's prompt + output + a new message: only the new part is prefilled, and the
+    output is the batch-1 run of the whole history; a history that diverges keeps what is common;
+    a parked slot gives way when a request needs it."""
+    target = tiny["target"]
+    eng = engine(tiny, "draft-random", slots=2)
+    res = run_to_completion(eng, [Request(prompts[1], N_NEW, spec=spec("sd"), cache_key="s1"),
+                                  Request(prompts[3], N_NEW, spec=spec("sd"))])
+    out1 = list(res.values())[0][0]
+    assert list(eng.parked) == ["s1"] and eng.trun.cache.num_free == 1  # the keyless row's slot was freed
+    history = prompts[1] + out1
+    turn2 = history + prompts[4]
+    tokens, seq = only(run_to_completion(eng, [Request(turn2, N_NEW, spec=spec("sd"), cache_key="s1")]))
+    assert tokens == ar_reference(target, turn2)
+    assert len(history) - 1 <= seq.stats.prefix_reused <= len(history)  # the last token may be uncached
+    edited = prompts[1] + out1[:3] + prompts[0]  # the client changed the conversation after 3 tokens
+    tokens, seq = only(run_to_completion(eng, [Request(edited, N_NEW, spec=spec("ar"), cache_key="s1")]))
+    assert tokens == ar_reference(target, edited) and seq.stats.prefix_reused == len(prompts[1]) + 3
+    # two keyless requests need both slots: the parked one is dropped, and the next turn prefills all
+    run_to_completion(eng, [Request(p, 4, spec=spec("sd")) for p in prompts[2:4]])
+    assert not eng.parked and eng.trun.cache.num_free == 2 and eng.drun.cache.num_free == 2
+    tokens, seq = only(run_to_completion(eng, [Request(turn2, N_NEW, spec=spec("sd"), cache_key="s1")]))
+    assert tokens == ar_reference(target, turn2) and seq.stats.prefix_reused == 0
+    assert eng.drop_parked("s1") and not eng.drop_parked("s1") and eng.trun.cache.num_free == 2
+
+
 def test_slot_cache_does_not_grow_over_200_requests(tiny):
     eng = engine(tiny, "draft-random", slots=8, max_queue_len=256)
     caches = (eng.trun.cache, eng.drun.cache)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from specserve.engine.scheduler import CostModel, KPolicy, LinearCost, QueueFull, Scheduler, expected_tokens
+from specserve.engine.scheduler import CostModel, KPolicy, LinearCost, MeasuredCost, QueueFull, Scheduler, expected_tokens
 from specserve.engine.sequence import Request, Sequence, SpeculationParams
 
 
@@ -113,8 +113,6 @@ def test_acceptance_is_smoothed_per_sequence():
 
 
 def test_measured_cost_keeps_the_flat_start_a_line_would_lose():
-    from specserve.engine.scheduler import MeasuredCost
-
     c = MeasuredCost(LinearCost(1.0, 0.1))
     assert c.predict(5) == pytest.approx(1.5)  # no points yet: the prior
     for n, sec in ((1, 0.458), (3, 0.447), (5, 0.519), (8, 0.649), (24, 1.314), (40, 2.041)):  # 1.5B, 2 threads
@@ -129,3 +127,14 @@ def test_measured_cost_keeps_the_flat_start_a_line_would_lose():
     assert KPolicy(CostModel(c, LinearCost(0.066, 0.0))).choose([(0.86, None)]) >= 3  # batch 1 speculates
     c.observe(4, 1.0)  # a round's timing moves the curve by an EMA step, not all the way
     assert 0.483 < c.predict(4) < 0.6
+
+
+def test_a_stalled_round_moves_the_cost_point_by_one_bounded_step():
+    """A round slowed by another process (13x here) must not make k = 0 look better for a dozen rounds."""
+    cost = MeasuredCost(LinearCost(0.15, 0.006))
+    cost.set_point(8, 0.2)
+    cost.observe(8, 2.7)
+    assert cost.points[8] == pytest.approx(0.8 * 0.2 + 0.2 * 0.3)  # counted as 1.5x, not 13.5x
+    for _ in range(10):  # a real, lasting change is still followed
+        cost.observe(8, 0.4)
+    assert cost.points[8] > 0.37

@@ -229,13 +229,17 @@ def test_stats_message_keeps_the_counters():
 # ---------------------------------------------------------------------------- chat
 
 
-def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, pool, new_store):
+@pytest.mark.parametrize("mode", [pb.MODE_SSD, pb.MODE_SD])  # per sequence (own cache) / batched (parked slot)
+def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, pool, new_store, mode):
+    rounds_before = replica.loop.engine.stats.rounds
+
     async def main():
         core = RouterCore(new_store(), local_target(replica, pool, {}))
         sid, tok, out = "", "", []
         for msg in ("hello there", "tell me more", "and once more"):
             chunks = await collect(core.chat(pb.ChatRequest(session_id=sid, session_token=tok, message=msg,
-                                                            max_tokens=10, system="be brief")))
+                                                            max_tokens=10, system="be brief",
+                                                            speculation=pb.SpeculationParams(mode=mode))))
             sid, tok = chunks[0].session_id, tok or chunks[0].session_token
             assert all(c.session_id == sid for c in chunks)
             assert all(c.session_token == (tok if not out else "") for c in chunks)  # given out once
@@ -262,6 +266,8 @@ def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, pool, new_
         assert session.turns[2 + 2 * i].content == "".join(c.text for c in chunks)
         assert session.turns[2 + 2 * i].tokens == sum(len(c.token_ids) for c in chunks)
     assert not session.busy and session.replica == "r0"
+    assert (replica.loop.engine.stats.rounds > rounds_before) == (mode == pb.MODE_SD)  # which path ran
+    assert all(c.stats.mode == pb.Mode.Name(mode)[5:].lower() for c in (chunks[-1] for chunks in out))
     assert deleted.deleted
     assert err.code == "NOT_FOUND" and sid in err.message
 
@@ -349,7 +355,8 @@ def test_a_cancelled_batched_stream_frees_its_slot(replica, pool):
             break
         threading.Event().wait(0.1)
     engine = replica.loop.engine
-    assert replica.active == 0 and not engine.has_work() and engine.trun.cache.num_free == engine.trun.cache.slots
+    free = engine.trun.cache.num_free + len(engine.parked)  # earlier chat turns park their slots
+    assert replica.active == 0 and not engine.has_work() and free == engine.trun.cache.slots
 
 
 def test_cancelled_stream_frees_target_and_draft(replica, pool, draft_server):

@@ -18,6 +18,13 @@ One `step()` is one round over every running row:
                   one `.tolist()`); each sequence commits (EOS / budget / stop cut), both caches
                   roll back by writing lengths.
   6. retire    -- finished rows free their slots; their last chunks go out with the others.
+
+Prefix reuse: a request with a `cache_key` (a chat session's id) leaves its slot *parked* when it
+finishes: the slot keeps the KV of its prompt + output in both caches. The next request with that
+key takes the parked slot and keeps its longest common prefix with the new prompt (rollback =
+writing the lengths; nothing is copied), so a continued conversation prefills only its new
+message (`Stats.prefix_reused`). Parked slots count as free for admission: when a request needs a
+slot and none is free, the least recently parked one is dropped.
 The output is what the target alone produces (greedy: token-identical; sampled: the same law).
 
 On CUDA a round queues every draft step, the verify forward and the sampling without waiting for
@@ -33,6 +40,7 @@ one loop and routes the (request id, Chunk) pairs. SSD (a remote drafter) is not
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +104,7 @@ class Engine:
         self.scheduler = Scheduler(max_num_seqs, max_queue_len, self.policy, speculate=draft is not None,
                                    max_prefill_tokens=max_prefill_tokens)
         self.seqs: dict[str, Sequence] = {}
+        self.parked: OrderedDict[str, tuple[int, list[int]]] = OrderedDict()  # key -> (slot, ids it holds)
         self.stats = EngineStats()
 
     # ---- requests ---------------------------------------------------------------------------
@@ -121,13 +130,14 @@ class Engine:
 
     def capacity(self) -> dict:
         c = self.trun.cache.capacity()
+        c["parked_slots"] = len(self.parked)
         c["draft_cache_bytes"] = self.drun.cache.bytes if self.drun else 0
         c["runner"] = self.trun.kind
         return c
 
     # ---- one round --------------------------------------------------------------------------
     def step(self) -> list[tuple[str, Chunk]]:
-        out = self.scheduler.schedule(self.trun.cache.num_free)
+        out = self.scheduler.schedule(self.trun.cache.num_free + len(self.parked))
         events = [(s.id, Chunk([], finish_reason="abort")) for s in self.scheduler.aborted_waiting]
         self.scheduler.aborted_waiting.clear()
         for s in out.aborted:
@@ -136,9 +146,7 @@ class Engine:
         for s in events:
             self.seqs.pop(s[0], None)
         for s in out.prefill:
-            s.slot = self.trun.cache.alloc()
-            if self.drun is not None and self.drun.cache.alloc() != s.slot:
-                raise RuntimeError("target and draft slot pools went out of step")
+            self._take_slot(s)
             s.t_start = time.perf_counter()
         rows, kd = out.running, out.draft_lens
         if not rows:
@@ -167,12 +175,51 @@ class Engine:
         self._account(rows, kd, n, draft_s, verify_s)
         return events
 
+    def _take_slot(self, s: Sequence) -> None:
+        """A slot for an admitted sequence: its key's parked slot (keeping the common prefix) or a free one."""
+        parked = self.parked.pop(s.cache_key, None) if s.cache_key is not None else None
+        if parked is not None:
+            s.slot, held = parked
+            n, limit = 0, min(len(held), len(s.ids) - 1)  # the last prompt token is always fed
+            while n < limit and held[n] == s.ids[n]:
+                n += 1
+            for run in (self.trun, self.drun):
+                if run is not None:
+                    run.cache.set_length(s.slot, min(run.cache.length(s.slot), n))
+            s.stats.prefix_reused = self.trun.cache.length(s.slot)
+            return
+        if self.trun.cache.num_free == 0:  # admission counted the parked slots as free: drop the oldest
+            _, (slot, _) = self.parked.popitem(last=False)
+            self._free_slot(slot)
+        s.slot = self.trun.cache.alloc()
+        if self.drun is not None and self.drun.cache.alloc() != s.slot:
+            raise RuntimeError("target and draft slot pools went out of step")
+
     def _release(self, s: Sequence) -> None:
-        if s.slot is not None:
-            self.trun.cache.free(s.slot)
-            if self.drun is not None:
-                self.drun.cache.free(s.slot)
-            s.slot = None
+        """A finished (or aborted) sequence's slot: parked under its cache key, else freed."""
+        if s.slot is None:
+            return
+        if s.cache_key is not None:
+            old = self.parked.pop(s.cache_key, None)
+            if old is not None:
+                self._free_slot(old[0])
+            held = s.ids[:self.trun.cache.length(s.slot)]  # the cache may hold a cut tail: never past ids
+            self.parked[s.cache_key] = (s.slot, held)
+        else:
+            self._free_slot(s.slot)
+        s.slot = None
+
+    def _free_slot(self, slot: int) -> None:
+        self.trun.cache.free(slot)
+        if self.drun is not None:
+            self.drun.cache.free(slot)
+
+    def drop_parked(self, key: str) -> bool:
+        """Free a parked slot now (its session was deleted); False when the key holds none."""
+        parked = self.parked.pop(key, None)
+        if parked is not None:
+            self._free_slot(parked[0])
+        return parked is not None
 
     def _draft(self, rows: list[Sequence], kd: list[int]):
         """Batched draft steps; returns (flat drafts [sum kd] long, q [sum kd, V] or None), on the device."""

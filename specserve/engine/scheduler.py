@@ -89,8 +89,8 @@ class MeasuredCost:
     falls back to `prior` (a LinearCost).
     """
 
-    def __init__(self, prior: LinearCost, decay: float = 0.8):
-        self.prior, self.decay = prior, decay
+    def __init__(self, prior: LinearCost, decay: float = 0.8, spike: float = 1.5):
+        self.prior, self.decay, self.spike = prior, decay, spike
         self.points: dict[int, float] = {}  # tokens -> smoothed seconds
 
     def set_point(self, tokens: int, seconds: float) -> None:
@@ -99,8 +99,13 @@ class MeasuredCost:
         self.prior.observe(tokens, seconds)
 
     def observe(self, tokens: int, seconds: float) -> None:
-        """A round's timing: moves its point (a new one starts at the curve) by an EMA step."""
+        """A round's timing: moves its point (a new one starts at the curve) by an EMA step.
+
+        An observation counts at most `spike` times the point: a round stalled by another process
+        (seen here: 2.7 s beside 0.2 s rounds while tests ran) moves the point by one bounded step,
+        not for the next dozen rounds, while a real change still moves it within a few rounds."""
         old = self.points.get(tokens, self.predict(tokens) if self.points else seconds)
+        seconds = min(seconds, self.spike * old) if old > 0 else seconds
         self.points[tokens] = self.decay * old + (1 - self.decay) * seconds
         self.prior.observe(tokens, seconds)
 

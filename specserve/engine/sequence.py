@@ -55,6 +55,7 @@ class Request:
     stop: tuple[str, ...] | list[str] = ()
     spec: SpeculationParams = field(default_factory=SpeculationParams)
     request_id: str | None = None
+    cache_key: str | None = None  # e.g. a chat session id: its KV stays in the slot for the next request
 
 
 class Sequence:
@@ -74,6 +75,7 @@ class Sequence:
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:5]}")
         self.id = req.request_id or f"req-{next(_ids)}"
+        self.cache_key = req.cache_key
         self.ids = prompt
         self.prompt_len = len(prompt)
         self.sp = req.sampling or SamplingParams()

@@ -3,12 +3,14 @@
 `TargetReplica.generate(params, session, pool)` is an async iterator of chunk dicts, one per
 round ({token_ids, text, finish_reason}, the last with the stats). A request runs one of two ways:
 
-* **batched** (ar and sd without a chat session, when the replica has an `Engine`): it joins the
-  engine loop (engine_loop.py), where every running sequence shares each draft and target
-  forward; a full engine queue is RESOURCE_EXHAUSTED, a cancelled consumer frees its slot.
+* **batched** (ar and sd, when the replica has an `Engine`): it joins the engine loop
+  (engine_loop.py), where every running sequence shares each draft and target forward; a full
+  engine queue is RESOURCE_EXHAUSTED, a cancelled consumer frees its slot. A chat session's turn
+  carries the session's key: its slot stays parked with the conversation's KV when the turn ends,
+  and the next turn keeps the common prefix (engine.py, "Prefix reuse").
 * **per sequence** (`stream`, on a thread of `pool`): ssd (its draft worker speculates per
-  sequence), chat sessions (their KV prefix lives in the session's own cache) and requests longer
-  than the engine's `max_model_len`:
+  sequence; a session's KV prefix lives in the session's own cache) and requests longer than the
+  engine's `max_model_len`:
     1. encode    -- text, chat message or a session's whole history -> prompt token ids
     2. reuse     -- a session's KV cache keeps the longest common prefix with the new prompt
     3. draft     -- ar: none; sd: the draft in this process; ssd: a RemoteDrafter on the shared
@@ -27,6 +29,7 @@ import asyncio
 import logging
 import os
 import threading
+import uuid
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
@@ -59,8 +62,11 @@ def rss_mb() -> float:
 
 @dataclass
 class SessionCache:
-    """A chat session's target KV cache and the token ids it holds (ids[:kv.length])."""
+    """A chat session on this replica: its key in the batching engine (where batched turns park
+    their slot) and, for per-sequence turns (ssd), its own target KV cache and the token ids it
+    holds (ids[:kv.length])."""
 
+    key: str = field(default_factory=lambda: f"session-{uuid.uuid4().hex}")
     kv: KVCache | None = None
     ids: list[int] = field(default_factory=list)
 
@@ -172,7 +178,7 @@ class TargetReplica:
         """Run one generation, batched when it can be (see the module docstring)."""
         self._check_mode(p)
         ids = None
-        if self.loop is not None and session is None and p.mode in ("ar", "sd"):
+        if self.loop is not None and p.mode in ("ar", "sd"):
             ids = self.encode(p)
             if len(ids) + p.max_tokens > self.loop.engine.max_model_len:  # too long to batch: on its own
                 async for msg in stream_in_pool(self.stream(p, session, ids), pool):
@@ -183,7 +189,7 @@ class TargetReplica:
                 yield msg
             return
         req = Request(ids, p.max_tokens, SamplingParams(p.temperature, p.top_k, p.top_p), p.seed, p.stop,
-                      SpeculationParams(p.mode, p.k))
+                      SpeculationParams(p.mode, p.k), cache_key=session.key if session is not None else None)
         try:
             async for chunk, st in self.loop.stream(req):
                 yield self._message(chunk, self._stats(st, p.mode) if st is not None else None)
