@@ -1,13 +1,14 @@
 """TargetDeployment: a Ray Serve replica that owns the target model and runs the verify loop.
 
-`generate(params)` streams chunk dicts. ar and sd requests join the replica's batching engine
+`generate(params)` streams chunk dicts. Requests join the replica's batching engine
 (`target.max_num_seqs` sequences share every forward; `target.max_queue_len` more wait, beyond
-that RESOURCE_EXHAUSTED). A request sent with `multiplexed_model_id=session_id` is a session's
+that RESOURCE_EXHAUSTED); an ssd row takes its drafts from the draft replica over the replica's
+one speculation stream. A request sent with `multiplexed_model_id=session_id` is a session's
 turn: Serve's model multiplexing routes a session back to the replica that already holds its KV
-prefix (a parked engine slot for ar/sd turns, the session's own cache for ssd turns; at most
-`target.session_cache_size` sessions per replica, least recently used dropped first); any other
-replica re-prefills from the history the router sends. ssd runs per sequence in a thread pool,
-one step per round. Either way a cancelled request stops after its current round.
+prefix (a parked engine slot; at most `target.session_cache_size` sessions per replica, least
+recently used dropped first); any other replica re-prefills from the history the router sends.
+A request longer than `target.max_model_len` runs per sequence in a thread pool. Either way a
+cancelled request stops after its current round.
 """
 
 from __future__ import annotations

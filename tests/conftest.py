@@ -32,3 +32,18 @@ def redis_server(tmp_path_factory):
 
     with private_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def draft_clients(tiny):
+    """One in-process draft server (real gRPC) per tiny draft, and a DraftClient for each."""
+    from specserve.pipeline.draft_server import serve
+    from specserve.pipeline.remote_drafter import DraftClient
+
+    servers = {name: serve(tiny[name], port=0) for name in ("draft-same", "draft-random")}
+    clients = {name: DraftClient(s.address, timeout=20) for name, s in servers.items()}
+    yield clients
+    for c in clients.values():
+        c.close()
+    for s in servers.values():
+        s.stop(grace=None)

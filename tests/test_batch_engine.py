@@ -203,8 +203,10 @@ def test_bad_requests_name_the_field_and_the_fix(tiny, prompts):
         eng.add(Request([1, 9999], spec=spec("ar")))
     with pytest.raises(ValueError, match="max_model_len is 4096 but the model's context window is 2048"):
         Engine(tiny["target"], max_model_len=4096)
-    with pytest.raises(ValueError, match="mode must be ar or sd"):
-        SpeculationParams(mode="ssd")
+    with pytest.raises(ValueError, match="mode must be ar, sd or ssd, got 'hf'"):
+        SpeculationParams(mode="hf")
+    with pytest.raises(ValueError, match=r"mode 'ssd' needs the request's drafter \(Request.drafter"):
+        engine(tiny).add(Request(prompts[1], 4, spec=spec("ssd")))
 
 
 def test_other_families_run_through_the_serial_fallback_exactly():

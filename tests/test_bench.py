@@ -62,19 +62,21 @@ def test_bench_concurrency_levels_through_the_engine(tiny_dir, tmp_path, capsys)
     out, png = tmp_path / "c.json", tmp_path / "c.png"
     rc = main(["bench", "--target", str(tiny_dir / "target"), "--draft", str(tiny_dir / "draft-same"),
                "--draft-quantize", "none", "--threads", "1", "--prompts", "chat", "--n", "4",
-               "--max-new-tokens", "12", "--modes", "ar,sd,hf-assisted", "--concurrency", "1,3", "--k", "3",
+               "--max-new-tokens", "12", "--modes", "ar,sd,ssd,hf-assisted", "--concurrency", "1,3", "--k", "3",
                "--out", str(out), "--plot", str(png)])
     table = capsys.readouterr().out
     assert rc == 0 and "| sd@3 |" in table and "| hf-assisted@3 (sequential) |" in table
     res = json.loads(out.read_text())
     summ = res["summary"]
-    assert {"ar@1", "sd@1", "ar@3", "sd@3", "hf-assisted@1", "hf-assisted@3", "ar", "sd"} <= set(summ)
-    for key in ("sd@1", "ar@3", "sd@3", "hf-assisted@3"):
+    assert {"ar@1", "sd@1", "ar@3", "sd@3", "ssd@3", "hf-assisted@1", "hf-assisted@3", "ar", "sd", "ssd"} <= set(summ)
+    for key in ("sd@1", "ar@3", "sd@3", "ssd@1", "ssd@3", "hf-assisted@3"):
         assert summ[key]["mismatches"] == 0, (key, summ[key]["mismatch_detail"])
         assert summ[key]["new_tokens"] == 4 * 12 and summ[key]["aggregate_tokens_per_s"] > 0
     # a fixed --k drafts exactly k (the budget aside); a draft equal to the target accepts all of it
     assert summ["sd@3"]["acceptance_rate"] == 1.0 and 2 < summ["sd@3"]["mean_k"] <= 3 and summ["sd"] == summ["sd@1"]
     assert summ["ar@3"]["mean_batch"] > 1.5 and summ["ar@1"]["mean_batch"] == 1.0
+    assert summ["ssd@3"]["acceptance_rate"] == 1.0 and summ["ssd@3"]["cache_hit_rate"] > 0.8  # a draft worker, batched
+    assert summ["ssd@3"]["mean_batch"] > 1.5 and "fallbacks" not in summ["ssd@3"]
     assert summ["hf-assisted@3"]["sequential"] and "sequential" not in summ["ar@3"]
     sd = [r for r in res["records"] if r["mode"] == "sd"]  # the C = 1 traces, for `specserve simulate`
     assert len(sd) == 4 and all(len(r["drafted_per_round"]) == r["rounds"] for r in sd)
@@ -99,5 +101,5 @@ def test_bench_concurrency_reports_a_mismatch_with_its_logit_gap(tiny, monkeypat
     d = res["summary"]["ar@2"]
     assert d["mismatches"] == 1 and d["mismatch_detail"][0]["at"] == 2
     assert d["mismatch_detail"][0]["top2_logit_gap"] >= 0
-    with pytest.raises(ValueError, match="ssd"):
+    with pytest.raises(ValueError, match="--modes ssd needs a draft worker"):
         bb.run_levels(target, None, encoded, ["ssd"], [2], 6, progress=False)

@@ -229,12 +229,23 @@ def test_stats_message_keeps_the_counters():
 # ---------------------------------------------------------------------------- chat
 
 
-@pytest.mark.parametrize("mode", [pb.MODE_SSD, pb.MODE_SD])  # per sequence (own cache) / batched (parked slot)
-def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, pool, new_store, mode):
+@pytest.fixture(scope="module")
+def unbatched(tiny, draft_server):
+    """A replica without an engine: every request per sequence (a session keeps its own KV cache)."""
+    w = TargetReplica(tiny["target"], tiny["draft-same"], draft_timeout=10.0, replica="r0")
+    w.connect_draft(draft_server.address)
+    yield w
+    w.close()
+
+
+@pytest.mark.parametrize("mode, batched", [(pb.MODE_SSD, True), (pb.MODE_SD, True), (pb.MODE_SSD, False)],
+                         ids=["ssd-batched", "sd-batched", "ssd-per-sequence"])
+def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, unbatched, pool, new_store, mode, batched):
     rounds_before = replica.loop.engine.stats.rounds
+    target = replica if batched else unbatched
 
     async def main():
-        core = RouterCore(new_store(), local_target(replica, pool, {}))
+        core = RouterCore(new_store(), local_target(target, pool, {}))
         sid, tok, out = "", "", []
         for msg in ("hello there", "tell me more", "and once more"):
             chunks = await collect(core.chat(pb.ChatRequest(session_id=sid, session_token=tok, message=msg,
@@ -266,7 +277,7 @@ def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, pool, new_
         assert session.turns[2 + 2 * i].content == "".join(c.text for c in chunks)
         assert session.turns[2 + 2 * i].tokens == sum(len(c.token_ids) for c in chunks)
     assert not session.busy and session.replica == "r0"
-    assert (replica.loop.engine.stats.rounds > rounds_before) == (mode == pb.MODE_SD)  # which path ran
+    assert (replica.loop.engine.stats.rounds > rounds_before) == batched  # which path ran
     assert all(c.stats.mode == pb.Mode.Name(mode)[5:].lower() for c in (chunks[-1] for chunks in out))
     assert deleted.deleted
     assert err.code == "NOT_FOUND" and sid in err.message

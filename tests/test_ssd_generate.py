@@ -1,5 +1,7 @@
 """`generate` in mode ssd: the engine's own loop, the draft behind a real gRPC speculation stream."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -16,18 +18,6 @@ from test_engine import V, chi2_pvalue, exact_two_token_law
 PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time, in a land far away, there"]
 
 
-@pytest.fixture(scope="module")
-def clients(tiny):
-    """One in-process draft server per tiny draft, and a client for each."""
-    servers = {name: serve(tiny[name], port=0) for name in ("draft-same", "draft-random")}
-    cls = {name: DraftClient(s.address, timeout=20) for name, s in servers.items()}
-    yield cls
-    for c in cls.values():
-        c.close()
-    for s in servers.values():
-        s.stop(grace=None)
-
-
 def ssd(target, client, ids, n=40, k=4, sp=SamplingParams(), speculate=True, seed=0, stats=None):
     drafter = RemoteDrafter(client, ids, target.vocab_size, sampling=sp, k=k, speculate=speculate, seed=seed, max_new_tokens=n)
     st = stats if stats is not None else Stats()
@@ -38,34 +28,41 @@ def ssd(target, client, ids, n=40, k=4, sp=SamplingParams(), speculate=True, see
 
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("draft_name", ["draft-same", "draft-random"])
-def test_ssd_greedy_is_token_identical_to_ar(tiny, clients, k, draft_name):
+def test_ssd_greedy_is_token_identical_to_ar(tiny, draft_clients, k, draft_name):
     target, tok = tiny["target"], tiny["target"].tokenizer
     for p in PROMPTS:
         ids = tok(p)["input_ids"]
         ar = [t for c in generate(target, None, ids, 40, spec=SpecConfig(mode="ar")) for t in c.token_ids]
-        out, st = ssd(target, clients[draft_name], ids, k=k)
+        out, st = ssd(target, draft_clients[draft_name], ids, k=k)
         assert out == ar
         assert st.cache_hits + st.cache_misses == st.rounds - 1 or st.finish_reason != "length"
         if draft_name == "draft-same":
             assert st.acceptance_rate == 1.0 and st.cache_hit_rate > 0.8
-        out, st = ssd(target, clients[draft_name], ids, k=k, speculate=False)
+        out, st = ssd(target, draft_clients[draft_name], ids, k=k, speculate=False)
         assert out == ar and st.cache_hits == 0
+
+
+@contextlib.contextmanager
+def law_pair(draft_seed: int):
+    """A tiny-vocabulary target, its draft, and a DraftClient to that draft served over gRPC."""
+    target = LM(tiny_model(V, seed=1, init_std=0.5))
+    draft = LM(tiny_model(V, seed=draft_seed, layers=1, init_std=0.5))
+    server = serve(draft, port=0)
+    try:
+        with DraftClient(server.address, timeout=20) as client:
+            yield target, draft, client
+    finally:
+        server.stop(grace=None)
 
 
 def test_ssd_sampling_matches_the_target_law():
     """Temperature 1, tiny vocabulary: the first two tokens under ssd follow the target's exact law."""
-    target = LM(tiny_model(V, seed=1, init_std=0.5))
-    draft = LM(tiny_model(V, seed=2, layers=1, init_std=0.5))
-    server = serve(draft, port=0)
     sp = SamplingParams(1.0)
-    try:
-        with DraftClient(server.address, timeout=20) as client:
-            counts = torch.zeros(V * V)
-            for seed in range(800):
-                out, _ = ssd(target, client, [1, 2, 3], n=3, k=2, sp=sp, seed=seed)
-                counts[out[0] * V + out[1]] += 1
-    finally:
-        server.stop(grace=None)
+    with law_pair(2) as (target, _, client):
+        counts = torch.zeros(V * V)
+        for seed in range(800):
+            out, _ = ssd(target, client, [1, 2, 3], n=3, k=2, sp=sp, seed=seed)
+            counts[out[0] * V + out[1]] += 1
     assert chi2_pvalue(counts, exact_two_token_law(target.model, [1, 2, 3], sp)) > 1e-3
 
 

@@ -106,13 +106,24 @@ def _bench_levels(args, sp, prompts, modes) -> int:
     from ..tools.bench_batch import format_levels, plot_levels, run_levels
 
     levels = _levels(args.concurrency)
-    target, draft = load_pair(args, args.draft, args.threads)
-    encoded = [(p, target.encode(p.text, p.chat)) for p in prompts]
+    ssd = "ssd" in modes
+    worker, threads, address, client = None, args.threads, args.draft_address, None
+    if ssd and not address:  # every mode of the run then gets the target's core(s) only: a fair split
+        worker, threads = start_local_draft_worker(args)
+        address = worker.address
     try:
+        target, draft = load_pair(args, args.draft, threads)
+        encoded = [(p, target.encode(p.text, p.chat)) for p in prompts]
+        client = draft_client(address, args.draft_timeout, target.vocab_size) if ssd else None
         result = run_levels(target, draft, encoded, modes, levels, args.max_new_tokens, sp, args.k, args.seed,
-                            warmup=not args.no_warmup)
+                            warmup=not args.no_warmup, client=client, fanout=parse_fanout(args.fanout))
     except ValueError as e:
         raise UsageError(str(e)) from None
+    finally:
+        if client is not None:
+            client.close()
+        if worker is not None:
+            worker.close()
     return _report(args, result, format_levels(result["summary"]), plot_levels)
 
 

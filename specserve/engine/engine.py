@@ -8,16 +8,20 @@
 One `step()` is one round over every running row:
   1. schedule  -- apply aborts (their slots are freed), admit waiting requests into free slots,
                   pick the round's k (scheduler.py).
-  2. draft     -- rows with k_i > 0 draft in batched steps through the draft's own SlotCache: the
-                  first step feeds each row's uncached tokens (a new prompt, or the catch-up after
-                  k = 0 rounds), the next ones feed d_j. Skipped entirely when every k_i is 0.
+  2. draft     -- ssd rows take their drafter's proposal (already asked for: the outcome went
+                  out at the end of the last round; a hit is waiting). sd rows with k_i > 0 draft
+                  in batched steps through the draft's own SlotCache: the first step feeds each
+                  row's uncached tokens (a new prompt, or the catch-up after k = 0 rounds), the
+                  next ones feed d_j. Skipped entirely when every k_i is 0.
   3. verify    -- ONE target forward over every row's uncached tokens + drafts (a new prompt is
                   prefilled here, beside the others' verification).
   4. accept    -- batched rejection sampling, each row with its own generator.
   5. commit    -- the round's single host read (`_verify`: accepted counts and output ids,
                   one `.tolist()`); each sequence commits (EOS / budget / stop cut), both caches
                   roll back by writing lengths.
-  6. retire    -- finished rows free their slots; their last chunks go out with the others.
+  6. retire    -- finished rows free their slots; their last chunks go out with the others;
+                  ssd rows that go on send their outcome to their drafter (it does not wait for
+                  the answer: the next round's step 2 does).
 
 Prefix reuse: a request with a `cache_key` (a chat session's id) leaves its slot *parked* when it
 finishes: the slot keeps the KV of its prompt + output in both caches. The next request with that
@@ -26,6 +30,8 @@ writing the lengths; nothing is copied), so a continued conversation prefills on
 message (`Stats.prefix_reused`). Parked slots count as free for admission: when a request needs a
 slot and none is free, the least recently parked one is dropped.
 The output is what the target alone produces (greedy: token-identical; sampled: the same law).
+An ssd row's drafter that raises DraftUnavailable is dropped: the row goes on as ar, exact, and
+`stats.fallback` says why; the other rows never wait for it past its own deadline.
 
 On CUDA a round queues every draft step, the verify forward and the sampling without waiting for
 the device, and step 5 is its only host sync: the host needs nothing else from the device (lengths,
@@ -51,7 +57,7 @@ from .runner import make_runner
 from .sampling import batched_rejection_sample, warp_rows
 from .scheduler import CostModel, KPolicy, LinearCost, MeasuredCost, Scheduler
 from .sequence import Request, Sequence
-from .speculative import Chunk
+from .speculative import Chunk, DraftUnavailable
 
 __all__ = ["Engine", "EngineStats", "run_to_completion"]
 
@@ -112,6 +118,8 @@ class Engine:
         """Queue a request; return its id. Raises ValueError (bad request) or QueueFull."""
         if request.spec.mode == "sd" and self.draft is None and request.spec.k != 0:
             raise ValueError("mode 'sd' needs a draft model: give the engine a draft, or use mode 'ar'")
+        if request.spec.mode == "ssd" and request.drafter is None:
+            raise ValueError("mode 'ssd' needs the request's drafter (Request.drafter, e.g. a RemoteDrafter)")
         if request.request_id is not None and request.request_id in self.seqs:
             raise ValueError(f"request_id {request.request_id!r} is already running: pick a unique id")
         seq = Sequence(request, self.target.tokenizer, self.target.eos_ids, self.target.vocab_size,
@@ -154,7 +162,9 @@ class Engine:
         clock = self.clock
         self._draft_marks.clear()  # a round that raised must not leave its marks to the next one
         t0 = clock.mark()
-        drafts, q = self._draft(rows, kd)  # [sum kd] long, [sum kd, V] | None
+        kd = list(kd)
+        proposals = self._proposals(rows, kd)  # ssd rows: kd[b] becomes its proposal's length
+        drafts, q = self._draft(rows, kd, proposals)  # [sum kd] long, [sum kd, V] | None
         t1 = clock.mark()
         n, outs, n_tokens, t2 = self._verify(rows, kd, drafts, q)  # t2: marked before the host read
         draft_s, verify_s = clock.seconds(t0, t1), clock.seconds(t1, t2)  # complete now: no sync
@@ -169,6 +179,10 @@ class Engine:
             s.stats.verify_s += verify_s  # each row waits for the whole round
             s.stats.draft_wait_s += draft_s
             events.append((s.id, s.commit(o[:nb], o[nb], drafted=k)))
+            if b_ssd := s.spec.mode == "ssd":
+                s.stats.hit_per_round.append(int(k > 0 and s.drafter is not None and s.drafter.last_hit))
+            if b_ssd and s.drafter is not None and not s.finish_reason:
+                self._tell(s, nb, o[nb], committed)
         for s in self.scheduler.update_from_output(rows, n, kd):
             self._release(s)
             self.seqs.pop(s.id, None)
@@ -197,6 +211,9 @@ class Engine:
 
     def _release(self, s: Sequence) -> None:
         """A finished (or aborted) sequence's slot: parked under its cache key, else freed."""
+        if s.drafter is not None:  # an ssd row: the drafter frees the sequence on its side
+            s.drafter.close()
+            s.drafter = None
         if s.slot is None:
             return
         if s.cache_key is not None:
@@ -221,17 +238,65 @@ class Engine:
             self._free_slot(parked[0])
         return parked is not None
 
-    def _draft(self, rows: list[Sequence], kd: list[int]):
-        """Batched draft steps; returns (flat drafts [sum kd] long, q [sum kd, V] or None), on the device."""
+    def _proposals(self, rows: list[Sequence], kd: list[int]) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+        """ssd rows: each drafter's proposal {row: (d, q [len d, V] | None)}; kd[b] set to len(d).
+
+        Every outcome went out at the end of the last round, so the draft worked on all rows at
+        once; waiting for them in turn costs the slowest one. A failed drafter leaves its row ar."""
+        out = {}
+        for b, s in enumerate(rows):
+            if s.spec.mode != "ssd":
+                continue
+            if not s.external or kd[b] == 0:
+                kd[b] = 0
+                continue
+            try:
+                d, q = s.drafter.propose(s.ids, kd[b])
+            except DraftUnavailable as e:
+                self._drop_drafter(s, e)
+                kd[b] = 0
+                continue
+            d = list(d[:kd[b]])
+            kd[b] = len(d)
+            out[b] = (d, q[:len(d)] if q is not None else None)
+        return out
+
+    def _tell(self, s: Sequence, accepted: int, token: int, committed: int) -> None:
+        """An ssd row's outcome to its drafter (which answers with the next proposal, read next round)."""
+        try:
+            s.drafter.on_outcome(accepted, token, committed)
+        except DraftUnavailable as e:
+            self._drop_drafter(s, e)
+        if s.drafter is not None:
+            s.stats.cache_hits, s.stats.cache_misses = s.drafter.hits, s.drafter.misses
+
+    @staticmethod
+    def _drop_drafter(s: Sequence, e: Exception) -> None:
+        s.drafter.close()
+        s.drafter, s.stats.fallback = None, f"ar after round {s.stats.rounds}: {e}"
+
+    def _draft(self, rows: list[Sequence], kd: list[int], proposals: dict | None = None):
+        """ssd rows' proposals + batched draft steps for sd rows; returns (flat drafts [sum kd] long,
+        q [sum kd, V] or None), on the device."""
         N = sum(kd)
         drafts = torch.empty(N, dtype=torch.long, device=self.device)  # [N]
         if N == 0:
             return drafts, None
-        cache = self.drun.cache
-        act = [b for b, k in enumerate(kd) if k > 0]  # rows that draft this round
+        proposals = proposals or {}
         off = [sum(kd[:b]) for b in range(len(rows))]  # flat offset of row b's drafts
-        sampled = any(not rows[b].sp.greedy for b in act)
-        q = torch.empty(N, self.draft.vocab_size, device=self.device) if sampled else None  # [N, V]
+        act = [b for b, k in enumerate(kd) if k > 0 and b not in proposals]  # rows the draft model drafts
+        sampled = any(not rows[b].sp.greedy for b, k in enumerate(kd) if k > 0)
+        V = self.target.vocab_size
+        q = torch.zeros(N, V, device=self.device) if sampled else None  # [N, V]
+        for b, (d, qb) in proposals.items():
+            pos = slice(off[b], off[b] + len(d))
+            drafts[pos] = to_device(d, self.device)
+            if q is not None:  # point masses where the drafter drafted greedily
+                q[pos] = to_device(qb, self.device, torch.float32) if qb is not None else torch.nn.functional.one_hot(
+                    drafts[pos], V).float()
+        if not act:
+            return drafts, q
+        cache = self.drun.cache
         feed = [rows[b].ids[cache.length(rows[b].slot):] for b in act]  # catch-up tokens (>= 1 each)
         tokens = to_device([t for f in feed for t in f], self.device)
         logits = self._draft_forward([rows[b].slot for b in act], tokens, [len(f) for f in feed])

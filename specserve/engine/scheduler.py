@@ -24,6 +24,8 @@ after a start-up probe) and each sequence's smoothed acceptance a: it maximises
   E(a, k) = (1 - a^(k+1)) / (1 - a) committed tokens per row per round,
 and moves off the current k only for a gain above `hysteresis`. k = 0 is plain batched decoding
 (no draft forward at all). A request's fixed k is exactly that (only its budget cuts it).
+ssd rows are not the policy's: each asks its own drafter for its request's k (default K) and the
+drafter may propose fewer; the policy prices only the rows the engine's draft model drafts.
 """
 
 from __future__ import annotations
@@ -230,7 +232,7 @@ class Scheduler:
         out.running = list(self.running)
         rows = [(s.acceptance, s.spec.k) for s in out.running if self.speculate and s.speculates]
         out.k = self.policy.choose(rows) if rows else self.policy.k
-        out.draft_lens = [s.draft_len(out.k) if self.speculate else 0 for s in out.running]
+        out.draft_lens = [s.draft_len(out.k) if self.speculate or s.external else 0 for s in out.running]
         return out
 
     def update_from_output(self, rows: list[Sequence], accepted: list[int], drafted: list[int]) -> list[Sequence]:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .sampling import SamplingParams
-from .speculative import Chunk, Stats
+from .defaults import K
+from .speculative import Chunk, Drafter, Stats
 from .text import TextStream
 
 __all__ = ["Request", "Sequence", "SpeculationParams"]
@@ -30,16 +31,17 @@ _ids = itertools.count(1)
 
 @dataclass
 class SpeculationParams:
-    """How one request speculates: mode "ar" (never) or "sd"; k None = the scheduler picks k per
-    round, an int = exactly that many drafts every round (only the budget cuts it)."""
+    """How one request speculates: mode "ar" (never), "sd" (the engine's draft model) or "ssd" (the
+    request's own `Request.drafter`, e.g. a remote SSD worker); k None = the scheduler picks k per
+    round (sd) or the drafter's default (ssd), an int = exactly that many drafts every round
+    (only the budget cuts it; an ssd drafter may propose fewer)."""
 
     mode: str = "sd"
     k: int | None = None
 
     def __post_init__(self):
-        if self.mode not in ("ar", "sd"):
-            raise ValueError(f"mode must be ar or sd in the batching engine (ssd runs per sequence), "
-                             f"got {self.mode!r}")
+        if self.mode not in ("ar", "sd", "ssd"):
+            raise ValueError(f"mode must be ar, sd or ssd, got {self.mode!r}")
         if self.k is not None and not 0 <= self.k <= 64:
             raise ValueError(f"k (draft length) must be between 0 and 64 or None (scheduler picks), got {self.k}")
 
@@ -56,6 +58,7 @@ class Request:
     spec: SpeculationParams = field(default_factory=SpeculationParams)
     request_id: str | None = None
     cache_key: str | None = None  # e.g. a chat session id: its KV stays in the slot for the next request
+    drafter: Drafter | None = None  # mode ssd: proposes each round's drafts (blocking), told each outcome
 
 
 class Sequence:
@@ -76,6 +79,7 @@ class Sequence:
             raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:5]}")
         self.id = req.request_id or f"req-{next(_ids)}"
         self.cache_key = req.cache_key
+        self.drafter = req.drafter  # None again once it failed (the rest runs as ar, `stats.fallback` says why)
         self.ids = prompt
         self.prompt_len = len(prompt)
         self.sp = req.sampling or SamplingParams()
@@ -103,7 +107,13 @@ class Sequence:
 
     @property
     def speculates(self) -> bool:
+        """Whether the engine's draft model drafts for this row (sd), with the scheduler's k."""
         return self.spec.mode == "sd" and self.spec.k != 0
+
+    @property
+    def external(self) -> bool:
+        """Whether the row's own drafter proposes its drafts (ssd, until the drafter fails)."""
+        return self.spec.mode == "ssd" and self.drafter is not None and self.spec.k != 0
 
     @property
     def acceptance(self) -> float:
@@ -112,7 +122,10 @@ class Sequence:
 
     def draft_len(self, k_round: int) -> int:
         """This round's k: the request's own fixed k, else the round's; never past the budget."""
-        k = 0 if not self.speculates else (self.spec.k if self.spec.k is not None else k_round)
+        if self.external:
+            k = self.spec.k if self.spec.k is not None else K
+        else:
+            k = 0 if not self.speculates else (self.spec.k if self.spec.k is not None else k_round)
         return max(0, min(k, self.remaining - 1))
 
     def observe_acceptance(self, accepted: int, drafted: int, decay: float = 0.8) -> None:

@@ -3,14 +3,15 @@
 `TargetReplica.generate(params, session, pool)` is an async iterator of chunk dicts, one per
 round ({token_ids, text, finish_reason}, the last with the stats). A request runs one of two ways:
 
-* **batched** (ar and sd, when the replica has an `Engine`): it joins the engine loop
+* **batched** (every mode, when the replica has an `Engine`; an ssd row drafts through its own
+  `RemoteDrafter` on the replica's one draft stream): it joins the engine loop
   (engine_loop.py), where every running sequence shares each draft and target forward; a full
   engine queue is RESOURCE_EXHAUSTED, a cancelled consumer frees its slot. A chat session's turn
   carries the session's key: its slot stays parked with the conversation's KV when the turn ends,
   and the next turn keeps the common prefix (engine.py, "Prefix reuse").
-* **per sequence** (`stream`, on a thread of `pool`): ssd (its draft worker speculates per
-  sequence; a session's KV prefix lives in the session's own cache) and requests longer than the
-  engine's `max_model_len`:
+* **per sequence** (`stream`, on a thread of `pool`): every request when the replica has no
+  engine, and requests longer than the engine's `max_model_len` (a session's KV prefix then lives
+  in the session's own cache):
     1. encode    -- text, chat message or a session's whole history -> prompt token ids
     2. reuse     -- a session's KV cache keeps the longest common prefix with the new prompt
     3. draft     -- ar: none; sd: the draft in this process; ssd: a RemoteDrafter on the shared
@@ -178,7 +179,7 @@ class TargetReplica:
         """Run one generation, batched when it can be (see the module docstring)."""
         self._check_mode(p)
         ids = None
-        if self.loop is not None and p.mode in ("ar", "sd"):
+        if self.loop is not None:
             ids = self.encode(p)
             if len(ids) + p.max_tokens > self.loop.engine.max_model_len:  # too long to batch: on its own
                 async for msg in stream_in_pool(self.stream(p, session, ids), pool):
@@ -188,15 +189,31 @@ class TargetReplica:
             async for msg in stream_in_pool(self.stream(p, session), pool):
                 yield msg
             return
-        req = Request(ids, p.max_tokens, SamplingParams(p.temperature, p.top_k, p.top_p), p.seed, p.stop,
-                      SpeculationParams(p.mode, p.k), cache_key=session.key if session is not None else None)
+        sp = SamplingParams(p.temperature, p.top_k, p.top_p)
+        mode, fallback, client, drafter = p.mode, "", None, None
+        if mode == "ssd":  # the row's drafter: a RemoteDrafter on the replica's one draft stream
+            with self._lock:
+                client = self._client
+            if client is None:  # no draft reachable: run as ar, say why
+                mode, fallback = "ar", self.draft_error
+            else:
+                drafter = make_drafter("ssd", ids, self.target.vocab_size, sp, SpecConfig(mode="ssd", k=p.k),
+                                       client=client, fanout=p.fanout or None, speculate=p.speculate, seed=p.seed,
+                                       max_new_tokens=p.max_tokens, timeout=self.draft_timeout)
+        req = Request(ids, p.max_tokens, sp, p.seed, p.stop, SpeculationParams(mode, p.k),
+                      cache_key=session.key if session is not None else None, drafter=drafter)
+        last = None
         try:
             async for chunk, st in self.loop.stream(req):
-                yield self._message(chunk, self._stats(st, p.mode) if st is not None else None)
+                last = st or last
+                yield self._message(chunk, self._stats(st, mode, fallback) if st is not None else None)
         except EngineQueueFull as e:
             raise QueueFull(f"{e}: the target replica is at capacity") from None
         except ValueError as e:  # the engine's own checks
             raise ApiError("INVALID_ARGUMENT", str(e)) from None
+        finally:
+            if drafter is not None and last is not None and last.fallback:
+                pool.submit(self._drop_if_dead, client)  # off the event loop: a dead draft takes seconds
 
     def stream(self, p: GenParams, session: SessionCache | None = None,
                ids: list[int] | None = None) -> Iterator[dict]:
@@ -230,12 +247,18 @@ class TargetReplica:
         finally:
             with self._lock:
                 self._streaming -= 1
-            if st.fallback and client is not None and not client.alive():
-                self.drop_draft(client)  # the draft is gone (not merely slow): ask for a new one next time
+            if st.fallback and client is not None:
+                self._drop_if_dead(client)
             if session is not None and kv is not None:  # 5. keep prompt + output for the next turn
                 full = ids + out
                 kv.crop(min(kv.length, len(full)))
                 session.ids = full[:kv.length]
+
+    def _drop_if_dead(self, client: DraftClient) -> None:
+        """After a fallback: forget the link if the draft is gone (not merely slow), so that the
+        next ssd request asks for a new address."""
+        if not client.alive():
+            self.drop_draft(client)
 
     def close(self) -> None:
         self.drop_draft()

@@ -6,9 +6,11 @@ Per `mode@C` the summary has:
   aggregate_tokens_per_s  all new tokens / the wall time of that mode and level
   tokens_per_s_median     per request (its new tokens / its time from admission to its last chunk)
   acceptance_rate, mean_k (drafts per row and round), mean_batch (rows per round)
+  cache_hit_rate          ssd: proposals answered from the draft worker's speculation cache
   mismatches              greedy: every sequence against `ar@1`, with the first diverging position
                           and the target's top-2 logit gap there (a near-tie explains a flip)
 hf-assisted cannot batch: at C > 1 its requests run one after another (`sequential: true`).
+ssd rows draft through a RemoteDrafter each, over the one `client` stream to a draft worker.
 
 This module knows the engine, prompts and clocks; it does not know servers.
 """
@@ -24,11 +26,13 @@ from ..engine.engine import Engine
 from ..engine.lm import LM
 from ..engine.sampling import SamplingParams
 from ..engine.sequence import Request, SpeculationParams
+from ..engine.speculative import SpecConfig
+from ..pipeline.drafters import make_drafter
 from .bench import _first_diff, run_one
 
 __all__ = ["BATCH_MODES", "run_levels", "logit_gap", "format_levels", "plot_levels"]
 
-BATCH_MODES = ("ar", "sd", "hf-assisted")
+BATCH_MODES = ("ar", "sd", "ssd", "hf-assisted")
 
 
 @torch.inference_mode()
@@ -41,7 +45,7 @@ def logit_gap(target: LM, prompt_ids: list[int], out_ids: list[int], at: int) ->
 
 
 def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: SamplingParams,
-               k: int | None, seed: int, bar=None) -> tuple[list[dict], float, dict]:
+               k: int | None, seed: int, bar=None, client=None, fanout=None) -> tuple[list[dict], float, dict]:
     """All prompts through the engine, C at a time; returns (records, wall seconds, engine stats delta)."""
     before = dict(vars(engine.stats))
     pending = list(enumerate(encoded))
@@ -51,7 +55,11 @@ def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: Sam
     while pending or live:
         while pending and len(live) < C:
             i, (p, ids) = pending.pop(0)
-            rid = engine.add(Request(ids, max_new, sp, seed + i, spec=SpeculationParams(mode, k)))
+            drafter = None
+            if mode == "ssd":
+                drafter = make_drafter("ssd", ids, engine.target.vocab_size, sp, SpecConfig(mode="ssd", k=k),
+                                       client=client, fanout=fanout, seed=seed + i, max_new_tokens=max_new)
+            rid = engine.add(Request(ids, max_new, sp, seed + i, spec=SpeculationParams(mode, k), drafter=drafter))
             live[rid] = (p, engine.seqs[rid], [])
         for rid, chunk in engine.step():
             p, seq, toks = live[rid]
@@ -63,8 +71,10 @@ def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: Sam
                                 "draft_tokens": st.draft_tokens, "accepted_tokens": st.accepted_tokens,
                                 "tokens_per_s": st.new_tokens / st.elapsed_s if st.elapsed_s > 0 else 0.0,
                                 "drafted_per_round": st.drafted_per_round,  # traces for `specserve simulate`
-                                "accepted_per_round": st.accepted_per_round, "hit_per_round": [0] * st.rounds,
-                                "token_ids": toks})
+                                "accepted_per_round": st.accepted_per_round,
+                                "hit_per_round": st.hit_per_round or [0] * st.rounds,
+                                "cache_hits": st.cache_hits, "cache_misses": st.cache_misses,
+                                "fallback": st.fallback, "token_ids": toks})
                 del live[rid]
                 if bar is not None:
                     bar.set_postfix_str(f"{mode}@{C} {p.id} {records[-1]['tokens_per_s']:.2f} tok/s")
@@ -88,7 +98,8 @@ def _run_hf_sequential(target, draft, encoded, C, max_new, sp, seed, bar=None) -
 
 def run_levels(target: LM, draft: LM | None, encoded, modes: list[str], levels: list[int], max_new: int,
                sampling: SamplingParams | None = None, k: int | None = None, seed: int = 0,
-               engine: Engine | None = None, progress: bool = True, warmup: bool = True) -> dict:
+               engine: Engine | None = None, progress: bool = True, warmup: bool = True, client=None,
+               fanout: list[int] | None = None) -> dict:
     """Every mode at every level: {"config", "summary" {"mode@C": {...}, "mode": its C = 1 entry}, "records"}.
 
     The records of C = 1 also appear under the plain mode name, so `specserve simulate` replays them.
@@ -98,8 +109,10 @@ def run_levels(target: LM, draft: LM | None, encoded, modes: list[str], levels: 
     sp = sampling or SamplingParams()
     bad = [m for m in modes if m not in BATCH_MODES]
     if bad:
-        raise ValueError(f"--modes: {', '.join(bad)} cannot run with --concurrency yet (batched: "
-                         f"{', '.join(BATCH_MODES)}); ssd at batch is not built")
+        raise ValueError(f"--modes: {', '.join(bad)} cannot run with --concurrency (it runs "
+                         f"{', '.join(BATCH_MODES)}): drop them or run without --concurrency")
+    if "ssd" in modes and client is None:
+        raise ValueError("--modes ssd needs a draft worker: pass --draft (a local worker is started) or --draft-address")
     if any(c < 1 for c in levels):
         raise ValueError(f"--concurrency: levels must be >= 1, got {levels}")
     if sp.greedy:  # ar@1 is the reference of the exactness check
@@ -116,7 +129,7 @@ def run_levels(target: LM, draft: LM | None, encoded, modes: list[str], levels: 
         if m == "hf-assisted":
             recs, wall, delta = _run_hf_sequential(target, draft, encoded, c, max_new, sp, seed, bar)
         else:
-            recs, wall, delta = _run_level(engine, encoded, m, c, max_new, sp, k, seed, bar)
+            recs, wall, delta = _run_level(engine, encoded, m, c, max_new, sp, k, seed, bar, client, fanout)
         summary[f"{m}@{c}"] = _summarize(recs, wall, delta, sequential=m == "hf-assisted" and c > 1)
         records += recs
     bar.close()
@@ -140,6 +153,11 @@ def _summarize(recs: list[dict], wall: float, delta: dict, sequential: bool) -> 
          "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in recs), 3) if recs else 0.0}
     drafted = sum(r["draft_tokens"] for r in recs)
     d["acceptance_rate"] = round(sum(r["accepted_tokens"] for r in recs) / drafted, 4) if drafted else None
+    tries = sum(r.get("cache_hits", 0) + r.get("cache_misses", 0) for r in recs)
+    if tries:
+        d["cache_hit_rate"] = round(sum(r["cache_hits"] for r in recs) / tries, 4)
+    if any(r.get("fallback") for r in recs):
+        d["fallbacks"] = sum(1 for r in recs if r.get("fallback"))
     if delta.get("rounds"):
         d["mean_batch"] = round(delta["row_rounds"] / delta["rounds"], 3)
         d["mean_k"] = round(delta["draft_tokens"] / delta["row_rounds"], 3)
@@ -191,7 +209,7 @@ def plot_levels(result: dict, path) -> None:
 def format_levels(summary: dict) -> str:
     """A markdown table of the `mode@C` entries, with each level's ratio to ar at the same level."""
     rows = ["| mode@C | aggregate tok/s | vs ar@C | vs ar@1 | tok/s per request (median) | acceptance | mean k "
-            "| mean batch | mismatches |", "|---|---|---|---|---|---|---|---|---|"]
+            "| mean batch | cache hit rate | mismatches |", "|---|---|---|---|---|---|---|---|---|---|"]
     ar1 = summary.get("ar@1", {}).get("aggregate_tokens_per_s")
     for key, d in summary.items():
         if "@" not in key:
@@ -203,5 +221,5 @@ def format_levels(summary: dict) -> str:
         rows.append(f"| {key}{' (sequential)' if d.get('sequential') else ''} | {agg:.2f} | "
                     f"{agg / arc if arc else 0:.2f}x | {agg / ar1 if ar1 else 0:.2f}x | {d['tokens_per_s_median']:.2f} | "
                     f"{'—' if acc is None else f'{acc:.2f}'} | {d.get('mean_k', '—')} | {d.get('mean_batch', '—')} | "
-                    f"{d.get('mismatches', '—')} |")
+                    f"{d.get('cache_hit_rate', '—')} | {d.get('mismatches', '—')} |")
     return "\n".join(rows)
