@@ -105,6 +105,10 @@ class TargetConfig(_Strict):
     """Scaling and resources of the target deployment; `max_ongoing_requests` must let the engine
     fill its batch (at least max_num_seqs; max_num_seqs + max_queue_len lets requests queue in it)."""
 
+    def served_model_name(self) -> str:
+        """The model's name: the last component of `model` (a directory's name, a prepared name, a hub repo)."""
+        return self.model.rstrip("/").rsplit("/", 1)[-1]
+
     @model_validator(mode="after")
     def _capacity(self):
         if self.replicas.max_ongoing_requests < self.max_num_seqs:
@@ -219,8 +223,8 @@ class AppConfig(_Strict):
         return tok or None
 
     def served_model_name(self) -> str:
-        """The `model` the OpenAI API serves: the target's name (a directory's last component)."""
-        return self.target.model.rstrip("/").rsplit("/", 1)[-1]
+        """The `model` the OpenAI API serves (and metrics are labelled with): the target's name."""
+        return self.target.served_model_name()
 
 
 def load_serve_config(path: str) -> tuple[AppConfig, dict]:

@@ -8,7 +8,9 @@ turn: Serve's model multiplexing routes a session back to the replica that alrea
 prefix (a parked engine slot; at most `target.session_cache_size` sessions per replica, least
 recently used dropped first); any other replica re-prefills from the history the router sends.
 A request longer than `target.max_model_len` runs per sequence in a thread pool. Either way a
-cancelled request stops after its current round.
+cancelled request stops after its current round. After each round of its engine (and twice a
+second while it idles) the replica records its batch size, k and queue length
+(deployments/metrics.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from specserve.serving.api import GenParams
 from specserve.serving.replica import SessionCache, TargetReplica, rss_mb
 
 from .config import DraftConfig, TargetConfig
+from .metrics import EngineMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -49,7 +52,8 @@ class TargetDeployment:
         engine = Engine(target, local, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
                         max_queue_len=cfg.max_queue_len)
         log.info("target replica %s: batching engine %s", self.replica, engine.capacity())
-        self.replica_core = TargetReplica(target, local, cfg.draft_timeout_s, self.replica, engine)
+        self.replica_core = TargetReplica(target, local, cfg.draft_timeout_s, self.replica, engine,
+                                          on_step=EngineMetrics(cfg.served_model_name()))
         self.pool = ThreadPoolExecutor(max_workers=cfg.replicas.max_ongoing_requests + 1,
                                        thread_name_prefix="target")
         self.session_cache = serve.multiplexed(max_num_models_per_replica=cfg.session_cache_size)(

@@ -24,9 +24,12 @@ def tiny_config(tiny_dir, target_replicas: dict | None = None, **top) -> dict:
 
 
 @contextlib.contextmanager
-def serve_app(cfg: dict, name: str = APP, http_port: int | None = None):
+def serve_app(cfg: dict, name: str = APP, http_port: int | None = None, metrics_port: int | None = None):
     """Local Ray (2 CPUs), Serve with the gRPC proxy on a free port (HTTP on `http_port` or a free one),
-    the app; yields the gRPC host:port."""
+    the app; yields the gRPC host:port. With `metrics_port`, Ray's Prometheus endpoint is
+    http://127.0.0.1:{metrics_port}/metrics, exported about every second (Ray's floor)."""
+    metrics = {} if metrics_port is None else {"_metrics_export_port": metrics_port,
+                                               "_system_config": {"metrics_report_interval_ms": 500}}
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -36,7 +39,7 @@ def serve_app(cfg: dict, name: str = APP, http_port: int | None = None):
     port = free_port()
     for attempt in range(3):  # a raylet now and then fails to come up on a busy 2-core machine
         try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **metrics)
             break
         except Exception:
             ray.shutdown()

@@ -71,13 +71,15 @@ class EngineStats:
     accepted_tokens: int = 0
     committed_tokens: int = 0
     k_sum: int = 0  # sum over rounds of the longest draft of the round (0 = a plain decode round)
+    last_batch: int = 0  # rows of the latest round
     draft_s: float = 0.0
     verify_s: float = 0.0
 
     def to_dict(self, engine: "Engine") -> dict:
         r = max(self.rounds, 1)
-        return {"rounds": self.rounds, "mean_batch": round(self.row_rounds / r, 3),
-                "mean_k": round(self.k_sum / r, 3),
+        return {"rounds": self.rounds, "row_rounds": self.row_rounds, "mean_batch": round(self.row_rounds / r, 3),
+                "mean_k": round(self.k_sum / r, 3), "k": engine.policy.k, "k_max": engine.policy.k_max,
+                "waiting": len(engine.scheduler.waiting),
                 "mean_drafts_per_row": round(self.draft_tokens / max(self.row_rounds, 1), 3),
                 "acceptance_rate": round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else 0.0,
                 "committed_tokens": self.committed_tokens, "draft_s": round(self.draft_s, 4),
@@ -358,6 +360,7 @@ class Engine:
         st = self.stats
         st.rounds += 1
         st.row_rounds += len(rows)
+        st.last_batch = len(rows)
         st.drafted_rows += sum(1 for x in kd if x)
         st.draft_tokens += sum(kd)
         st.accepted_tokens += sum(n)

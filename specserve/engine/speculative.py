@@ -91,6 +91,26 @@ class Stats:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
+    def drafts(self) -> int:
+        """Rounds that verified a non-empty draft (k = 0 rounds are plain decode steps)."""
+        return sum(1 for k in self.drafted_per_round if k)
+
+    @property
+    def accepted_per_pos(self) -> list[int]:
+        """[i]: rounds whose draft token at position i (0-based) was accepted; sums to accepted_tokens.
+
+        Computed from the per-round trace when asked (once, at the end), not in the round.
+        """
+        counts = [0] * (max(self.accepted_per_round, default=0) + 1)
+        for n in self.accepted_per_round:
+            counts[n] += 1
+        out, ge = [], 0  # rounds that accepted at least i + 1 drafts, from the last position down
+        for c in reversed(counts[1:]):
+            ge += c
+            out.append(ge)
+        return out[::-1]
+
+    @property
     def cache_hit_rate(self) -> float:
         n = self.cache_hits + self.cache_misses
         return self.cache_hits / n if n else 0.0
@@ -105,6 +125,7 @@ class Stats:
             for key in ("accepted_per_round", "drafted_per_round", "hit_per_round"):
                 d.pop(key)
         d["acceptance_rate"] = round(self.acceptance_rate, 4)
+        d["drafts"], d["accepted_per_pos"] = self.drafts, self.accepted_per_pos
         d["tokens_per_s"] = round(self.tokens_per_s, 3)
         d["cache_hit_rate"] = round(self.cache_hit_rate, 4)
         for key in ("elapsed_s", "ttft_s", "draft_wait_s", "verify_s"):

@@ -215,7 +215,7 @@ def check_session_token(key: bytes, session_id: str, token: str) -> None:
 
 _STAT_FIELDS = ("prompt_tokens", "new_tokens", "rounds", "draft_tokens", "accepted_tokens", "acceptance_rate",
                 "cache_hits", "cache_misses", "cache_hit_rate", "ttft_s", "tokens_per_s", "elapsed_s",
-                "prefix_reused", "finish_reason", "mode", "fallback", "replica")
+                "prefix_reused", "finish_reason", "mode", "fallback", "replica", "drafts", "accepted_per_pos")
 
 
 def stats_message(stats: dict) -> pb.Stats:

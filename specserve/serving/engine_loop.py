@@ -1,6 +1,6 @@
 """A target replica's engine loop: one thread steps the batching engine, requests stream back.
 
-    loop = EngineLoop(engine)                        # starts the loop thread
+    loop = EngineLoop(engine, on_step=hook)          # starts the loop thread
     async for chunk, stats in loop.stream(request):  # from any asyncio event loop; stats on the last
         ...
     loop.close()
@@ -9,7 +9,10 @@ Requests enter as `add` (through a thread-safe inbox the loop drains between rou
 engine is only ever touched by its own thread) and their chunks come back through a per-request
 asyncio queue. A consumer that stops early (a cancelled or disconnected client) aborts its
 request: the engine frees the slot at the next round boundary. A request the engine refuses
-(a bad prompt, a full queue) raises from `stream` before any chunk.
+(a bad prompt, a full queue) raises from `stream` before any chunk. `on_step(engine)` runs on the
+loop thread after each step's chunks are out, and every `idle_s` while idle (a replica's metrics
+read the engine there and stay fresh); if it raises, it is logged and not called again: it never
+fails a request.
 
 This module knows threads and asyncio; it does not know Ray, gRPC, sessions or the public API.
 """
@@ -21,7 +24,7 @@ import collections
 import logging
 import threading
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..engine.engine import Engine
 from ..engine.sequence import Request
@@ -49,8 +52,9 @@ class _Waiter:
 class EngineLoop:
     """Owns an `Engine` and the one thread that steps it."""
 
-    def __init__(self, engine: Engine, idle_s: float = 0.5):
+    def __init__(self, engine: Engine, idle_s: float = 0.5, on_step: Callable[[Engine], None] | None = None):
         self.engine = engine
+        self.on_step = on_step
         self._inbox: collections.deque = collections.deque()  # ("add", Request, _Waiter) | ("abort", id)
         self._waiters: dict[str, _Waiter] = {}
         self._wake = threading.Event()
@@ -125,6 +129,7 @@ class EngineLoop:
             self._drain()
             if not self.engine.has_work():
                 self._wake.wait(self._idle_s)
+                self._after_step()
                 continue
             try:
                 events = self.engine.step()
@@ -134,7 +139,17 @@ class EngineLoop:
                 continue
             for rid, chunk in events:
                 self._deliver(rid, chunk)
+            self._after_step()
         self._fail_all(RuntimeError("the engine loop was closed"))
+
+    def _after_step(self) -> None:
+        if self.on_step is None:
+            return
+        try:
+            self.on_step(self.engine)
+        except Exception:
+            log.exception("on_step failed; it is not called again")
+            self.on_step = None
 
     def _deliver(self, rid: str, chunk: Chunk) -> None:
         waiter = self._waiters.get(rid)

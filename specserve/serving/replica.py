@@ -33,7 +33,7 @@ import threading
 import uuid
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from ..engine.engine import Engine
 from ..engine.lm import LM, KVCache
@@ -88,18 +88,19 @@ class TargetReplica:
 
     The link is made by `connect_draft(address)`; while there is none, ssd requests run as ar and
     their stats say `draft_error` (set it to why the last attempt to link failed). With an
-    `engine` (built over the same target and local draft), ar and sd requests are batched.
+    `engine` (built over the same target and local draft), ar and sd requests are batched;
+    `on_step(engine)` runs after each of its steps and while it idles (EngineLoop).
     """
 
     def __init__(self, target: LM, local_draft: LM | None = None, draft_timeout: float = 10.0,
-                 replica: str = "", engine: Engine | None = None):
+                 replica: str = "", engine: Engine | None = None, on_step: Callable[[Engine], None] | None = None):
         self.target, self.local_draft = target, local_draft
         self.draft_timeout, self.replica = draft_timeout, replica
         self.draft_error = "this replica has no draft deployment"
         self._client: DraftClient | None = None
         self._lock = threading.Lock()
         self._streaming = 0  # per-sequence requests running now
-        self.loop = EngineLoop(engine) if engine is not None else None
+        self.loop = EngineLoop(engine, on_step=on_step) if engine is not None else None
 
     @property
     def active(self) -> int:
