@@ -22,7 +22,7 @@ from specserve.engine.speculative import SpecConfig, generate
 from specserve.engine.ssd import DraftSession
 from specserve.pipeline.draft_server import DraftService, Inbox, serve, serve_stream
 from specserve.pipeline.remote_drafter import DraftClient, DraftError, DraftUnavailable, RemoteProposal
-from specserve.pipeline.wire import pb, spec_params
+from specserve.pipeline.wire import PROTOCOL, message_seq, pb, spec_params
 
 PROMPT = [17, 301, 42, 7, 99, 256, 3]
 E = pb.Error
@@ -114,9 +114,33 @@ class _ScriptedInbox(Inbox):
         msg = super().get(block=False)
         if msg is None and block:
             self.blocked += 1
+            self.arrived = time.perf_counter()
             if self.later:
                 return self.later.pop(0)
             return Inbox.CLOSED
+        return msg
+
+
+class _PacedInbox(Inbox):
+    """Messages that arrive while the loop works: (polls, msg) comes `polls` inbox reads after the
+    previous one (at once when the loop would block). Records the speculation steps run so far
+    when each message arrives (`steps_at`)."""
+
+    def __init__(self, svc, script):
+        super().__init__()
+        self.svc, self.script, self.wait, self.steps_at = svc, list(script), None, {}
+
+    def get(self, block):
+        if not self.script:
+            return Inbox.CLOSED if block else None
+        polls, msg = self.script[0]
+        self.wait = polls if self.wait is None else self.wait
+        if self.wait > 0 and not block:
+            self.wait -= 1
+            return None
+        self.script.pop(0)
+        self.wait, self.arrived = None, time.perf_counter()
+        self.steps_at[msg.WhichOneof("kind"), message_seq(msg)] = self.svc.spec_steps
         return msg
 
 
@@ -138,6 +162,68 @@ def test_serve_stream_speculates_only_while_waiting(tiny):
     out = list(serve_stream(svc, inbox))
     assert [(m.proposal.seq, m.proposal.round, m.proposal.cache_hit) for m in out] == [
         ("a", 0, False), ("b", 0, False), ("a", 1, False), ("b", 1, True)]
+
+
+def test_speculation_yields_to_an_arriving_outcome_within_one_step(tiny):
+    """b's outcome arrives while a is being speculated for: it is answered from b's cache before a's
+    next step, and a's speculation resumes where it was (its own outcome then hits too)."""
+    draft = tiny["draft-random"]
+    cont = _ar(draft, PROMPT, 10)
+    svc = DraftService(draft)
+    inbox = _PacedInbox(svc, [(0, _start("b", k=4)), (99, _start("a", k=4)),  # a after b's speculation
+                              (2, _outcome("b", 0, 4, cont[4])), (99, _outcome("a", 0, 4, cont[4]))])
+    seen = []
+    for m in serve_stream(svc, inbox):
+        p = m.proposal
+        seen.append((p.seq, p.round, p.cache_hit, p.late, svc.spec_steps))
+        if (p.seq, p.round) == ("b", 1):
+            assert svc.sessions["a"]._branches is not None  # a's speculation is in progress, paused
+    assert [s[:4] for s in seen] == [("b", 0, False, False), ("a", 0, False, False), ("b", 1, True, False),
+                                     ("a", 1, True, False)]
+    assert seen[2][4] == inbox.steps_at["outcome", "b"]  # no draft step between b's arrival and its answer
+    st = svc.stats()
+    assert st["hit_answers"] == 2 and st["hit_answer_s"] > 0 and st["miss_answers"] == 0
+
+
+def test_an_outcome_mid_speculation_finishes_its_branch_or_drafts_just_in_time(tiny):
+    draft = tiny["draft-random"]
+    cont = _ar(draft, PROMPT, 16)
+    with torch.inference_mode():  # the token the draft finds least likely: no branch predicts it
+        worst = int(draft.model(torch.tensor([PROMPT + cont[:5]])).logits[0, -1].argmin())
+    svc = DraftService(draft)
+    # a's outcome comes after the glue and one branch step: its branch is drafted on alone (a late
+    # hit); the next one is an outcome no branch predicted, mid-speculation: dropped, drafted just-in-time
+    inbox = _PacedInbox(svc, [(0, _start("a", k=4)), (2, _outcome("a", 0, 4, cont[4])),
+                              (3, _outcome("a", 1, 0, worst))])
+    out = [m.proposal for m in serve_stream(svc, inbox)]
+    assert [(p.round, p.cache_hit, p.late) for p in out] == [(0, False, False), (1, True, True), (2, False, False)]
+    assert list(out[1].token_ids) == cont[5:9]  # what a just-in-time draft would have given
+    fresh = DraftSession(draft, PROMPT + cont[:5] + [worst], SamplingParams(), k=4).first_proposal()
+    assert list(out[2].token_ids) == fresh.token_ids
+    st = svc.stats()
+    assert (st["hits"], st["late_hits"], st["misses"]) == (1, 1, 1)
+    assert st["late_answers"] == 1 and st["miss_answers"] == 1
+
+
+def test_a_failing_sequence_does_not_stall_the_others(tiny, monkeypatch):
+    draft = tiny["draft-random"]
+    cont = _ar(draft, PROMPT, 5)
+    svc = DraftService(draft)
+    real = DraftSession.speculate_step
+
+    def broken(self):
+        if self is svc.sessions.get("bad"):
+            raise RuntimeError("injected")
+        return real(self)
+
+    monkeypatch.setattr(DraftSession, "speculate_step", broken)
+    inbox = _PacedInbox(svc, [(0, _start("bad")), (0, _start("ok")), (99, _outcome("ok", 0, 4, cont[4])),
+                              (0, _outcome("bad", 0, 0, 1))])
+    out = list(serve_stream(svc, inbox))
+    kinds = [(m.WhichOneof("kind"), message_seq(m)) for m in out]
+    assert kinds == [("proposal", "bad"), ("proposal", "ok"), ("error", "bad"), ("proposal", "ok"), ("error", "bad")]
+    assert out[2].error.code == E.INTERNAL and "injected" in out[2].error.message
+    assert out[3].proposal.cache_hit and out[4].error.code == E.UNKNOWN_SEQUENCE
 
 
 # ---------------------------------------------------------------------- over gRPC
@@ -195,10 +281,23 @@ def test_info(draft_address, tiny):
     with DraftClient(draft_address) as client:
         info = client.info(timeout=5)
         assert (info.vocab_size, info.model, info.dtype) == (512, "draft-random", "float32")
-        assert info.version and info.eos_ids
+        assert info.version and info.eos_ids and info.protocol == PROTOCOL == 2
         assert client.check_vocab(512) == info
         with pytest.raises(ValueError, match="vocabulary of 512"):
             client.check_vocab(1000)
+
+
+def test_a_draft_of_another_protocol_is_refused(tiny, monkeypatch):
+    from specserve.pipeline import draft_server
+
+    monkeypatch.setattr(draft_server, "PROTOCOL", 1)  # a draft worker from before the target owned k
+    server = serve(tiny["draft-random"], port=0)
+    try:
+        with DraftClient(server.address) as client:
+            with pytest.raises(ValueError, match="protocol 1 but this target speaks 2: run the same specserve"):
+                client.check_vocab(512)
+    finally:
+        server.stop(grace=None)
 
 
 def test_remote_greedy_equals_autoregressive(draft_address, tiny):

@@ -1,6 +1,7 @@
 """The SSD drafter on tiny random models: outcome prediction, masked branch drafting, exactness."""
 
 import copy
+import random
 
 import pytest
 import torch
@@ -8,9 +9,9 @@ import torch
 from specserve.engine import ssd
 from specserve.engine.lm import LM
 from specserve.engine.sampling import SamplingParams, rejection_sample, warp
-from specserve.engine.speculative import SpecConfig, generate
-from specserve.engine.ssd import (DraftSession, Proposal, StaleRound, default_fanout, forward_branches,
-                                  predict_outcomes, sparse_proposal)
+from specserve.engine.speculative import KPlan, SpecConfig, generate
+from specserve.engine.ssd import (AcceptanceModel, DraftSession, Proposal, StaleRound, default_fanout,
+                                  forward_branches, predict_outcomes, sparse_proposal)
 from specserve.models.tiny import tiny_model
 
 from test_engine import V, chi2_pvalue, exact_two_token_law
@@ -33,17 +34,27 @@ def dense_q(prop: Proposal, V: int) -> torch.Tensor:
     return q
 
 
-def drive(target: LM, sess: DraftSession, prompt, n, sp=SamplingParams(), gen=None, bad=False):
+def drive(target: LM, sess: DraftSession, prompt, n, sp=SamplingParams(), gen=None, bad=False, plans=None, steps=None):
     """A local target loop (speculative.py's steps 2-4) answering a DraftSession.
 
+    plans(prev, full) -> the KPlan of the next proposal (prev None for round 0; full: every draft
+    of the last round accepted); None sends no plans (the session's k). steps() -> how many
+    speculation steps run before the outcome (the rest is cut off by it); None: all of them.
     Returns (tokens, stats): accepted and drafted token counts, and `partial_hits`, the cache hits
     on an outcome with a rejection (a branch that had to hide d_{j+1}..d_k from its attention).
     """
     tc, seq, out, acc, drafted, partial, support = target.new_cache(), list(prompt), [], 0, 0, 0, 0
-    prop = sess.first_proposal()
+    plan = plans(None, True) if plans else None
+    prop = sess.first_proposal(plan)
     while True:
-        sess.speculate()  # in the server this overlaps the verification below
+        if steps is None:
+            sess.speculate()  # in the server this overlaps the verification below
+        else:
+            for _ in range(steps()):
+                sess.speculate_step()
         d = prop.token_ids
+        if plan is not None and sess.stop_prob == 0 and sess.max_new_tokens == n:  # exactly the target's k
+            assert len(d) == min(plan.k, n - len(out) - 1), (plan, len(d), len(out))
         if sp.greedy:
             assert prop.q_ids == [] and prop.q_probs == []
         else:  # q' is a distribution over a support holding the drafted token
@@ -72,8 +83,24 @@ def drive(target: LM, sess: DraftSession, prompt, n, sp=SamplingParams(), gen=No
             for bad_token in (target.vocab_size, -1):
                 with pytest.raises(ValueError, match="token"):
                     sess.on_outcome(prop.round, j, bad_token)
-        prop = sess.on_outcome(prop.round, j, t)
+            with pytest.raises(ValueError, match="KPlan.k"):
+                sess.on_outcome(prop.round, j, t, KPlan(65, 1, 1))
+        plan = plans(plan, j == len(d)) if plans else None
+        prop = sess.on_outcome(prop.round, j, t, plan)
         partial += prop.cache_hit and j < len(d)
+
+
+def following(spec: SpecConfig):
+    """plans() of a target that keeps to what it announced (the loop's own rule, SpecConfig.plan)."""
+    def plans(prev, full):
+        k = spec.k_init if prev is None else prev.after(full)
+        return spec.plan(k, k)
+    return plans
+
+
+def wavering(rng: random.Random, ks=(1, 2, 3)):
+    """plans() of a target that changes its mind: every k (asked and announced) drawn from ks."""
+    return lambda prev, full: KPlan(rng.choice(ks), rng.choice(ks), rng.choice(ks))
 
 
 # ---- pure functions -----------------------------------------------------------------------------
@@ -97,6 +124,30 @@ def test_default_fanout(k):
     assert F[-1] == max(F)
     assert default_fanout(k, budget=20)[0] >= 1
     assert sum(default_fanout(k, budget=3)) == 3
+
+
+def test_fanout_is_refit_from_measured_acceptance():
+    m = AcceptanceModel()
+    assert m.fanout(4, 8) == default_fanout(4) == [1, 1, 1, 1, 4]  # unmeasured: the geometric prior
+    assert m.fanout(4, 8, min_gain=0.01) == [1, 1, 1, 1, 4]
+    # a pair whose drafts are all accepted and whose bonus token is the draft's first choice:
+    # one branch covers it, and the budget is not spent on outcomes that do not happen
+    for _ in range(200):
+        m.observe(4, 4)
+        m.observe_rank(True, 0)
+    assert m.accept_rate(0) > 0.95 and m.rank_probs(True)[0] > 0.95
+    assert m.fanout(4, 8, min_gain=0.01) == [0, 0, 0, 0, 1]
+    assert m.fanout(4, 8) == [1, 1, 1, 1, 4]  # no price per branch: the budget is spent all the same
+    # a pair that rejects the first draft and recovers the draft's second choice: that costs two
+    # branches at position 0 (a position's candidates are taken in rank order)
+    m = AcceptanceModel()
+    for _ in range(200):
+        m.observe(4, 0)
+        m.observe_rank(False, 1)
+    assert m.accept_rate(0) < 0.05 and m.accept_rate(1) == 0.8  # position 1 was never reached
+    assert m.fanout(4, 8, min_gain=0.01) == [2, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="budget"):
+        m.fanout(4, -1)
 
 
 def test_sparse_proposal_is_exact_and_normalised():
@@ -157,11 +208,40 @@ def test_cached_branches_equal_fresh_jit_drafts(sharp, prompts, k, restore, monk
     sess.speculate()
     assert len(sess.table) == 2 * k + 3 and sess.cache.length == len(prompts[0]) + k
     assert all(layer.keys.shape[0] == 1 for layer in sess.cache.cache.layers)  # batch 1 again
-    for (r, i, t), prop in sess.table.items():
+    for (r, i, t), (prop, final) in sess.table.items():
         assert r == 1 and prop.round == 1 and prop.cache_hit and len(prop.token_ids) == k
         assert i == k or t != d[i]
         fresh = DraftSession(lm, prompts[0] + d[:i] + [t], SamplingParams(), k=k, speculate=False)
         assert prop.token_ids == fresh.first_proposal().token_ids, (i, t)
+
+
+# ---- k has one owner: the session drafts the target's k, and a cut is not a rejection ----------
+
+def test_the_targets_k_is_drafted_and_a_short_round_is_not_a_rejection(tiny, prompts):
+    """The issue-13 bug: the target cut a proposal of 4 to its own k = 2 and the draft then took
+    "2 accepted" for a rejection at position 2, excluding d_3 there; when the bonus token was d_3
+    (the draft agreeing with the target), the next round was a certain miss."""
+    draft, ids = tiny["draft-random"], prompts[0]
+    cont = [t for c in generate(draft, None, ids, 12, spec=SpecConfig(mode="ar")) for t in c.token_ids]
+    sess = DraftSession(draft, ids, SamplingParams(), k=4)  # the session's own k is 4 ...
+    p0 = sess.first_proposal(KPlan(2, 3, 1))  # ... but the target asks for 2, then 3 after a full accept
+    assert p0.token_ids == cont[:2]
+    sess.speculate()
+    assert (1, 2, cont[2]) in sess.table  # the bonus position predicts d_3 itself
+    assert len(sess.table[1, 2, cont[2]][0].token_ids) == 3  # drafted to the plan's next k
+    p1 = sess.on_outcome(0, 2, cont[2], KPlan(3, 1, 1))
+    assert p1.cache_hit and not p1.late and p1.token_ids == cont[3:6]
+    # the target changed its mind: a shorter k is the branch cut, a longer one the branch drawn on
+    sess.speculate()
+    p2 = sess.on_outcome(1, 3, cont[6], KPlan(4, 1, 1))  # branches were drafted to 1 token
+    assert p2.cache_hit and p2.late and p2.token_ids == cont[7:11]
+    assert (sess.hits, sess.late_hits, sess.misses) == (2, 1, 0)
+    # k = 0: no drafts this round, and the round after is still speculated for
+    sess.speculate()
+    p3 = sess.on_outcome(2, 4, cont[11], KPlan(0, 2, 2))
+    assert p3.token_ids == [] and p3.cache_hit
+    sess.speculate()
+    assert sess.table and all(i == 0 for _, i, _ in sess.table)
 
 
 # ---- end to end: a target loop driving the session is token-identical to AR --------------------
@@ -183,6 +263,25 @@ def test_greedy_ssd_is_token_identical_to_ar(tiny, sharp, prompts, k, pair):
             assert sess.hit_rate > 0.8, (sess.hits, sess.misses)
     if pair == "noisy":  # rejections happen, and some are answered from masked branches
         assert partial >= 1 and hits >= (hits + misses) // 4, (hits, misses, partial)
+
+
+@pytest.mark.parametrize("pair, restore", [("same", "refs"), ("noisy", "refs"), ("noisy", "crop")])
+def test_greedy_ssd_with_a_wavering_k_and_interrupted_speculation(tiny, sharp, prompts, pair, restore, monkeypatch):
+    """Every path an outcome can take: before speculation, mid-speculation (its branch drafted on
+    alone, or dropped), after it; a branch cut to a shorter k or drawn on to a longer one."""
+    if restore == "crop":
+        monkeypatch.setattr(ssd, "DynamicLayer", None)
+    target, draft = {"same": (tiny["target"], tiny["draft-same"]), "noisy": (sharp["target"], sharp["noisy"])}[pair]
+    rng = random.Random(5)
+    hits = late = misses = 0
+    for ids in prompts:
+        ar = [t for c in generate(target, None, ids, N, spec=SpecConfig(mode="ar")) for t in c.token_ids]
+        sess = DraftSession(draft, ids, SamplingParams(), k=4, max_new_tokens=N)
+        out, _ = drive(target, sess, ids, N, plans=wavering(rng, (1, 2, 3, 5)), steps=lambda: rng.randrange(6))
+        assert out == ar
+        assert all(layer.keys.shape[0] == 1 for layer in sess.cache.cache.layers)
+        hits, late, misses = hits + sess.hits, late + sess.late_hits, misses + sess.misses
+    assert late >= 1 and hits - late >= 1 and misses >= 1, (hits, late, misses)
 
 
 @pytest.mark.parametrize("draft_name", ["draft-same", "draft-random"])
@@ -247,3 +346,21 @@ def test_ssd_sampling_with_truncated_q_matches_target_law():
     assert chi2_pvalue(counts, law) > 1e-3
     other = exact_two_token_law(tiny_model(V, seed=3, init_std=0.5), prompt, sp)
     assert chi2_pvalue(counts, other) < 1e-6  # the check has power
+
+
+def test_ssd_sampling_law_holds_whatever_k_the_target_asks_for_and_when():
+    """The target's k differs from what it announced (branches cut and drawn on), and outcomes
+    arrive before, during and after speculation: the law of the first two tokens is the target's."""
+    sp = SamplingParams(1.0)
+    target = LM(tiny_model(V, seed=1, init_std=0.5))
+    draft = LM(tiny_model(V, seed=2, layers=1, init_std=0.5))
+    prompt, draws, rng = [1, 2, 3], 1000, random.Random(0)
+    counts, late, hits = torch.zeros(V * V), 0, 0
+    for seed in range(draws):
+        sess = DraftSession(draft, prompt, sp, k=2, seed=seed, q_top=3, max_new_tokens=4)
+        out, _ = drive(target, sess, prompt, 4, sp, torch.Generator().manual_seed(10 ** 6 + seed),
+                       plans=wavering(rng, (1, 2, 3)), steps=lambda: rng.randrange(5))
+        counts[out[0] * V + out[1]] += 1
+        late, hits = late + sess.late_hits, hits + sess.hits
+    assert late > 100 and hits - late > 100, (hits, late)  # drawn on, and served as drafted
+    assert chi2_pvalue(counts, exact_two_token_law(target.model, prompt, sp)) > 1e-3

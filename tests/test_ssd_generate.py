@@ -18,11 +18,16 @@ from test_engine import V, chi2_pvalue, exact_two_token_law
 PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time, in a land far away, there"]
 
 
-def ssd(target, client, ids, n=40, k=4, sp=SamplingParams(), speculate=True, seed=0, stats=None):
-    drafter = RemoteDrafter(client, ids, target.vocab_size, sampling=sp, k=k, speculate=speculate, seed=seed, max_new_tokens=n)
+def ssd(target, client, ids, n=40, k=4, sp=SamplingParams(), speculate=True, seed=0, stats=None, loop_k="k",
+        stop_prob=None):
+    """mode ssd through the loop; loop_k: the loop's own k ("k": the same as the worker's default k,
+    None: adaptive, or a number)."""
+    kw = {} if stop_prob is None else {"stop_prob": stop_prob}
+    drafter = RemoteDrafter(client, ids, target.vocab_size, sampling=sp, k=k, speculate=speculate, seed=seed,
+                            max_new_tokens=n, **kw)
     st = stats if stats is not None else Stats()
-    out = [t for c in generate(target, drafter, ids, n, sp, SpecConfig(mode="ssd", k=k), seed, (), st)
-           for t in c.token_ids]
+    spec = SpecConfig(mode="ssd", k=k if loop_k == "k" else loop_k)
+    out = [t for c in generate(target, drafter, ids, n, sp, spec, seed, (), st) for t in c.token_ids]
     return out, st
 
 
@@ -42,6 +47,26 @@ def test_ssd_greedy_is_token_identical_to_ar(tiny, draft_clients, k, draft_name)
         assert out == ar and st.cache_hits == 0
 
 
+@pytest.mark.parametrize("loop_k", [2, None], ids=["fixed", "adaptive"])
+def test_the_loop_owns_k(tiny, draft_clients, loop_k):
+    """The worker's default k is 4 and the loop asks for its own: fixed 2 (the loop used to cut 4 to 2,
+    and every full accept was then a miss) or adaptive (4, 5, ... 10): the worker drafts exactly
+    that, and a draft equal to the target hits on (nearly) every round."""
+    target, tok = tiny["target"], tiny["target"].tokenizer
+    hits = rounds = 0
+    for p in PROMPTS:
+        ids = tok(p)["input_ids"]
+        ar = [t for c in generate(target, None, ids, 40, spec=SpecConfig(mode="ar")) for t in c.token_ids]
+        out, st = ssd(target, draft_clients["draft-same"], ids, k=4, loop_k=loop_k, stop_prob=0.0)
+        assert out == ar and st.acceptance_rate == 1.0 and not st.fallback
+        left = [40 - sum(st.accepted_per_round[:r]) - r - 1 for r in range(st.rounds)]  # the budget's cut
+        want = [2] * st.rounds if loop_k == 2 else [min(4 + r, 10) for r in range(st.rounds)]
+        assert st.drafted_per_round == [min(w, b) for w, b in zip(want, left)]
+        hits, rounds = hits + st.cache_hits, rounds + st.cache_hits + st.cache_misses
+        assert st.cache_hits == 0 or st.hit_wait_s > 0  # the answer latency of hits is measured
+    assert hits >= 0.9 * rounds, (hits, rounds)
+
+
 @contextlib.contextmanager
 def law_pair(draft_seed: int):
     """A tiny-vocabulary target, its draft, and a DraftClient to that draft served over gRPC."""
@@ -56,12 +81,13 @@ def law_pair(draft_seed: int):
 
 
 def test_ssd_sampling_matches_the_target_law():
-    """Temperature 1, tiny vocabulary: the first two tokens under ssd follow the target's exact law."""
+    """Temperature 1, tiny vocabulary: the first two tokens under ssd follow the target's exact law
+    (the loop's adaptive k, so every request carries a plan the branches were not drafted to)."""
     sp = SamplingParams(1.0)
     with law_pair(2) as (target, _, client):
         counts = torch.zeros(V * V)
         for seed in range(800):
-            out, _ = ssd(target, client, [1, 2, 3], n=3, k=2, sp=sp, seed=seed)
+            out, _ = ssd(target, client, [1, 2, 3], n=4, k=2, sp=sp, seed=seed, loop_k=None)
             counts[out[0] * V + out[1]] += 1
     assert chi2_pvalue(counts, exact_two_token_law(target.model, [1, 2, 3], sp)) > 1e-3
 

@@ -4,8 +4,10 @@ The wire protocol has its own zero values (speculation.proto: an unset `stop_pro
 these are the values specserve chooses when a caller does not.
 """
 
-K = 4  # draft tokens per round: sd's starting k, ssd's fixed k (the draft must know it in advance)
+K = 4  # draft tokens per round: the adaptive k's start, and a session's k when the target sends no KPlan
 K_MIN = 1  # sd's adaptive k stays within [K_MIN, K_MAX]
 K_MAX = 10
 STOP_PROB = 0.5  # a proposal ends after a token the draft itself gives less than this probability
 Q_TOP = 32  # sampling: tokens kept in each sparse draft distribution q' sent over the wire
+FANOUT_BUDGET = 8  # ssd: the most branches a round's speculation drafts
+FANOUT_MIN_GAIN = 0.01  # ssd: a branch must be the outcome with at least this probability to be drafted

@@ -57,7 +57,8 @@ from .runner import make_runner
 from .sampling import batched_rejection_sample, warp_rows
 from .scheduler import CostModel, KPolicy, LinearCost, MeasuredCost, Scheduler
 from .sequence import Request, Sequence
-from .speculative import Chunk, DraftUnavailable
+from .defaults import K
+from .speculative import Chunk, DraftUnavailable, KPlan
 
 __all__ = ["Engine", "EngineStats", "run_to_completion"]
 
@@ -252,8 +253,9 @@ class Engine:
             if not s.external or kd[b] == 0:
                 kd[b] = 0
                 continue
+            k = s.spec.k if s.spec.k is not None else K  # the request's k: the row's plan, every round
             try:
-                d, q = s.drafter.propose(s.ids, kd[b])
+                d, q = s.drafter.propose(s.ids, KPlan(kd[b], k, k))  # only the first call waits (the Start)
             except DraftUnavailable as e:
                 self._drop_drafter(s, e)
                 kd[b] = 0
@@ -264,13 +266,22 @@ class Engine:
         return out
 
     def _tell(self, s: Sequence, accepted: int, token: int, committed: int) -> None:
-        """An ssd row's outcome to its drafter (which answers with the next proposal, read next round)."""
+        """An ssd row's outcome to its drafter, with the plan of the next proposal (the row's k, cut
+        by the budget left); the drafter answers with that proposal."""
+        k = s.spec.k if s.spec.k is not None else K
+        t0 = time.perf_counter()
         try:
-            s.drafter.on_outcome(accepted, token, committed)
+            s.drafter.on_outcome(accepted, token, committed, KPlan(s.draft_len(0), k, k))
         except DraftUnavailable as e:
             self._drop_drafter(s, e)
-        if s.drafter is not None:
-            s.stats.cache_hits, s.stats.cache_misses = s.drafter.hits, s.drafter.misses
+            return
+        wait, st, dr = time.perf_counter() - t0, s.stats, s.drafter
+        st.draft_wait_s += wait
+        if dr.last_hit:
+            st.hit_wait_s += wait
+        else:
+            st.miss_wait_s += wait
+        st.cache_hits, st.cache_misses, st.late_hits = dr.hits, dr.misses, dr.late_hits
 
     @staticmethod
     def _drop_drafter(s: Sequence, e: Exception) -> None:

@@ -31,7 +31,7 @@ from .lm import LM, KVCache, check_pair
 from .sampling import SamplingParams, rejection_sample, sample, warp
 from .text import TextStream
 
-__all__ = ["SpecConfig", "Stats", "Chunk", "generate", "draft_step", "Drafter", "LocalDrafter",
+__all__ = ["SpecConfig", "KPlan", "Stats", "Chunk", "generate", "draft_step", "Drafter", "LocalDrafter",
            "DraftUnavailable", "MODES"]
 
 MODES = ("ar", "sd", "ssd")
@@ -63,6 +63,43 @@ class SpecConfig:
         if not 0 <= self.stop_prob < 1:
             raise ValueError(f"stop_prob must be in [0, 1), got {self.stop_prob}")
 
+    def next_k(self, k: int, full: bool) -> int:
+        """The k after a round drafted with k: fixed k stays; adaptive grows after a full accept, else shrinks."""
+        if self.k is not None:
+            return self.k
+        return min(k + 1, self.k_max) if full else max(k - 1, self.k_min)
+
+    def plan(self, k: int, kr: int) -> "KPlan":
+        """The loop's k for a proposal of at most kr drafts (k before the budget cut it), and the round after's."""
+        return KPlan(kr, self.next_k(k, True), self.next_k(k, False))
+
+
+@dataclass(frozen=True)
+class KPlan:
+    """The loop's k for one proposal: it owns k, and a drafter drafts exactly this (docs/architecture.md, SSD).
+
+    k: the most drafts the proposal may hold: a drafter gives exactly k, fewer only after a token it
+      doubts (`stop_prob`) or at the end of its budget; 0 = no drafts this round.
+    if_accepted / if_rejected: the k the loop will ask for in the round after this one, when every
+      draft of this proposal is accepted / when one is rejected (before the budget cuts it). A drafter
+      that pre-drafts the round after (SSD) drafts its branches to these lengths, so a cut proposal
+      is never mistaken for a rejection.
+    """
+
+    k: int
+    if_accepted: int
+    if_rejected: int
+
+    def __post_init__(self):
+        for name in ("k", "if_accepted", "if_rejected"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and 0 <= v <= 64):
+                raise ValueError(f"KPlan.{name} must be an int in [0, 64], got {v!r}")
+
+    def after(self, full: bool) -> int:
+        """The k of the round after, by how this proposal ends (full = every draft accepted)."""
+        return self.if_accepted if full else self.if_rejected
+
 
 @dataclass
 class Stats:
@@ -80,6 +117,9 @@ class Stats:
     verify_s: float = 0.0
     cache_hits: int = 0  # ssd: proposals served from the draft's speculation cache
     cache_misses: int = 0
+    late_hits: int = 0  # ssd: hits whose branch the draft was still drafting when the outcome arrived
+    hit_wait_s: float = 0.0  # ssd: the target's wait for proposals that were cache hits (the answer latency)
+    miss_wait_s: float = 0.0  # ssd: ... for proposals drafted just-in-time
     fallback: str = ""  # why the drafter was dropped mid-sequence (the rest ran as ar), if it was
     finish_reason: str = ""
     accepted_per_round: list[int] = field(default_factory=list)
@@ -128,7 +168,7 @@ class Stats:
         d["drafts"], d["accepted_per_pos"] = self.drafts, self.accepted_per_pos
         d["tokens_per_s"] = round(self.tokens_per_s, 3)
         d["cache_hit_rate"] = round(self.cache_hit_rate, 4)
-        for key in ("elapsed_s", "ttft_s", "draft_wait_s", "verify_s"):
+        for key in ("elapsed_s", "ttft_s", "draft_wait_s", "verify_s", "hit_wait_s", "miss_wait_s"):
             d[key] = round(d[key], 4)
         return d
 
@@ -173,20 +213,22 @@ class DraftUnavailable(RuntimeError):
 class Drafter:
     """What the loop asks of a drafter, once per round: `propose`, then `on_outcome`.
 
-    propose(seq, k) -> (d, q): up to k draft tokens after the committed tokens `seq`, and the
-      distributions they were sampled from (q [len(d), V], None = point masses / greedy).
-    on_outcome(accepted, token, committed): the round's outcome; `committed` = len(seq) + accepted,
-      the prefix that stays valid in any cache.
+    propose(seq, plan) -> (d, q): at most plan.k draft tokens after the committed tokens `seq`, and
+      the distributions they were sampled from (q [len(d), V], None = point masses / greedy).
+    on_outcome(accepted, token, committed, plan): the round's outcome; `committed` = len(seq) +
+      accepted, the prefix that stays valid in any cache; `plan` the next proposal's KPlan (a
+      remote drafter asks for that proposal now).
     """
 
     hits = 0
     misses = 0
+    late_hits = 0  # hits whose proposal was still being drafted when the outcome arrived
     last_hit = False  # whether the proposal of the current round came from a speculation cache
 
-    def propose(self, seq: list[int], k: int) -> tuple[list[int], torch.Tensor | None]:
+    def propose(self, seq: list[int], plan: KPlan) -> tuple[list[int], torch.Tensor | None]:
         raise NotImplementedError
 
-    def on_outcome(self, accepted: int, token: int, committed: int) -> None:
+    def on_outcome(self, accepted: int, token: int, committed: int, plan: KPlan) -> None:
         pass
 
     def close(self) -> None:
@@ -199,10 +241,10 @@ class LocalDrafter(Drafter):
     def __init__(self, lm: LM, sp: SamplingParams, gen: torch.Generator, stop_prob: float):
         self.cache, self.sp, self.gen, self.stop_prob = lm.new_cache(), sp, gen, stop_prob
 
-    def propose(self, seq, k):
-        return draft_step(self.cache, seq, k, self.sp, self.gen, self.stop_prob)
+    def propose(self, seq, plan):
+        return draft_step(self.cache, seq, plan.k, self.sp, self.gen, self.stop_prob)
 
-    def on_outcome(self, accepted, token, committed):
+    def on_outcome(self, accepted, token, committed, plan):
         if self.cache.length > committed:
             self.cache.crop(committed)
 
@@ -260,7 +302,7 @@ def generate(
                          f"{len(prompt_ids)}: crop it to a strict prefix")
     st.prefix_reused = tc.length
     seq = list(prompt_ids)  # committed tokens; the caches hold a prefix of them
-    k = (spec.k or spec.k_init) if drafter else 0
+    k = (spec.k or spec.k_init) if drafter else 0  # the loop owns k: every proposal is asked for with its KPlan
     st.prompt_tokens = len(prompt_ids)
     t_start = time.perf_counter()
     try:
@@ -271,11 +313,12 @@ def generate(
             d, q = [], None
             if kr > 0:
                 try:
-                    d, q = drafter.propose(seq, kr)
-                    d, q = d[:kr], (q[:kr] if q is not None else None)
+                    d, q = drafter.propose(seq, spec.plan(k, kr))
+                    if len(d) > kr:
+                        raise DraftUnavailable(f"the drafter proposed {len(d)} tokens when asked for at most {kr}")
                 except DraftUnavailable as e:  # give the drafter up (a remote one frees its sequence)
                     drafter.close()
-                    drafter, st.fallback, kr = None, f"ar after round {st.rounds}: {e}", 0
+                    drafter, st.fallback, d, q = None, f"ar after round {st.rounds}: {e}", [], None
             kr = len(d)
             t1 = time.perf_counter()
             # 2. verify: one target forward over the uncached committed tokens + the drafts
@@ -301,14 +344,22 @@ def generate(
                 new, finish = new[: keep - st.new_tokens], "stop"
             st.drafted_per_round.append(kr)
             st.hit_per_round.append(int(kr > 0 and drafter is not None and drafter.last_hit))
-            if drafter is not None and kr > 0 and not finish:
-                t3 = time.perf_counter()
-                try:
-                    drafter.on_outcome(n, t_next, len(seq) + n)  # a draft cache crops to seq + d_1..d_n
-                except DraftUnavailable as e:
-                    drafter.close()
-                    drafter, st.fallback = None, f"ar after round {st.rounds + 1}: {e}"
-                st.draft_wait_s += time.perf_counter() - t3
+            if drafter is not None and kr > 0:
+                k = spec.next_k(k, n == kr)  # the next round's k, decided before the drafter is asked for it
+                if not finish:
+                    t3 = time.perf_counter()
+                    k_next = max(0, min(k, budget - st.new_tokens - len(new) - 1))
+                    try:  # a draft cache crops to seq + d_1..d_n
+                        drafter.on_outcome(n, t_next, len(seq) + n, spec.plan(k, k_next))
+                    except DraftUnavailable as e:
+                        drafter.close()
+                        drafter, st.fallback = None, f"ar after round {st.rounds + 1}: {e}"
+                    wait = time.perf_counter() - t3
+                    st.draft_wait_s += wait
+                    if drafter is not None and drafter.last_hit:
+                        st.hit_wait_s += wait
+                    else:
+                        st.miss_wait_s += wait
             st.draft_wait_s += t1 - t0
             seq += new
             st.rounds += 1
@@ -317,7 +368,7 @@ def generate(
             st.accepted_per_round.append(n)
             st.new_tokens += len(new)
             if drafter is not None:
-                st.cache_hits, st.cache_misses = drafter.hits, drafter.misses
+                st.cache_hits, st.cache_misses, st.late_hits = drafter.hits, drafter.misses, drafter.late_hits
             st.elapsed_s = time.perf_counter() - t_start
             if st.rounds == 1:
                 st.ttft_s = st.elapsed_s
@@ -326,8 +377,6 @@ def generate(
             yield Chunk(token_ids=new, text=delta, finish_reason=finish)
             if finish:
                 return
-            if drafter is not None and spec.k is None:  # adaptive k: grow on a clean sweep, else shrink
-                k = min(k + 1, spec.k_max) if n == kr else max(k - 1, spec.k_min)
     finally:
         if drafter is not None:
             drafter.close()

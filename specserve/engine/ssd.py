@@ -7,17 +7,31 @@ S + d_1..d_j + t*. SSD uses the time the target spends verifying: right after pr
 out, `DraftSession.speculate` guesses the likely outcomes and drafts proposal r+1 for each, so a
 correct guess (a cache hit) is answered with no model work at all. A miss drafts just-in-time.
 
+k has one owner, the target: every request for a proposal (the first one, and every outcome)
+carries a `KPlan`: the proposal's k, and the k the target will ask for in the round after,
+when every draft is accepted / when one is rejected. The draft drafts exactly that: its
+proposal holds k drafts (fewer only after a token it doubts, `stop_prob`, or at its budget), so
+j = len(d) always means "all accepted" and j < len(d) a real rejection; and its branches are
+drafted to the plan's lengths. A request whose k differs from the plan is still served from a
+branch: truncated when the branch is longer, extended when it is shorter.
+
 Speculation, after sending d_1..d_k (the cache holds S + d_1..d_{k-1}):
   1. glue     -- one forward over d_k gives the draft's distribution at position k; with the
                  k distributions computed while drafting, step_probs [k+1, V].
   2. predict  -- `predict_outcomes` takes the top-F_i tokens at each position i, without
                  d_{i+1} (a token the target would have accepted cannot be the recovered one).
+                 The fan-out F comes from an `AcceptanceModel`: the geometric prior refit online
+                 from measured acceptance per position and the measured rank of realised outcomes.
   3. branch   -- the cache of S + d_1..d_k is repeated B times along the batch axis; branch
                  (i, t) feeds t at position |S|+i with an attention mask that hides the cache
-                 columns of d_{i+1}..d_k. k batched one-token forwards draft k tokens for all
-                 branches at once.
+                 columns of d_{i+1}..d_k. Batched one-token forwards draft every branch at once.
   4. restore  -- the batch-1 tensors of S + d_1..d_k are put back (the branch steps built new
                  ones), and the proposals are stored under (r+1, i, t).
+Speculation runs one forward at a time (`speculate_step`), so a server answers other messages
+between steps. An outcome that arrives while its own round is being speculated is not thrown
+away: if it is one of the branches, that branch alone is drafted on to the end (a "late hit");
+otherwise the branches are dropped and the proposal is drafted just-in-time (a miss).
+
 On a hit the session only remembers that its cache holds S + d_1..d_k while the sequence is now
 S + d_1..d_j + t* + d'_1..d'_k: the next `speculate` crops back to the common prefix and feeds
 [t*, d'_1..d'_k] in ONE forward, which both rebuilds the cache and yields all k+1 rows of
@@ -33,7 +47,10 @@ distribution truncated to its top `q_top` tokens and renormalised, and the propo
 exactly (ids + probs), which the verifier uses in `rejection_sample`. Speculative branches draw
 their tokens the same way from the session's generator; the realised outcome picks a branch
 whose tokens were drawn independently of the target's randomness, so the served proposal is a
-fresh draw from q' given the committed prefix. Greedy proposals carry empty q lists.
+fresh draw from q' given the committed prefix. A branch is only ever served as drawn: cut to
+the asked k (the first k draws of a longer draw), or drawn on after its last token (never
+redrawn because of its length, which would favour short proposals). Greedy proposals carry
+empty q lists.
 
 This module does not know about networks, processes, threads, the target model or when the
 target will answer: it takes a loaded draft LM, token ids and outcomes, and returns proposals.
@@ -43,6 +60,7 @@ from __future__ import annotations
 
 import operator
 import time
+from itertools import accumulate
 from dataclasses import dataclass, field
 
 import torch
@@ -55,8 +73,9 @@ except ImportError:  # older transformers: fall back to crop + select after bran
 from . import defaults
 from .lm import LM, KVCache
 from .sampling import SamplingParams, sample, warp
+from .speculative import KPlan
 
-__all__ = ["Proposal", "StaleRound", "DraftSession", "default_fanout", "predict_outcomes",
+__all__ = ["Proposal", "StaleRound", "DraftSession", "AcceptanceModel", "default_fanout", "predict_outcomes",
            "sparse_proposal", "forward_branches"]
 
 
@@ -68,34 +87,129 @@ class Proposal:
     token_ids: list[int]  # d_1..d_k (k may be smaller than asked: early stop / budget)
     q_ids: list[list[int]] = field(default_factory=list)  # per position, support of q' (just [] when greedy)
     q_probs: list[list[float]] = field(default_factory=list)  # per position, q' probabilities (sum to 1)
-    cache_hit: bool = False  # True when served from the speculation cache
+    cache_hit: bool = False  # True when the outcome was one of the pre-drafted branches
+    late: bool = False  # a hit whose branch was still being drafted (or had to be drafted on) after the outcome
+
+    def cut(self, n: int) -> "Proposal":
+        """The first n drafts (the first n draws of a longer draw: still a draw from q')."""
+        if len(self.token_ids) <= n:
+            return self
+        return Proposal(self.round, self.token_ids[:n], self.q_ids[:n], self.q_probs[:n], self.cache_hit, self.late)
 
 
 class StaleRound(ValueError):
     """An outcome for a round that is not the current one (late, duplicated or from the future)."""
 
 
-def default_fanout(k: int, budget: int = 8, accept: float = 0.8) -> list[int]:
-    """Fan-out F_0..F_k: how many candidate tokens to pre-draft for at each position.
+class AcceptanceModel:
+    """What fan-out pays: measured acceptance per draft position and the rank of realised outcomes.
 
-    Model: the outcome lands at position i < k with probability a^i (1 - a) and at the bonus
-    position k with probability a^k (acceptance rate a = `accept`). A rejection position's
-    candidates count half (the recovered token is one the draft ranked *below* its own pick,
-    which it ranks less reliably than its top choice), and each further candidate of a
-    position half as much as the one before. Candidates go greedily to the largest gain, so
-    the sum is `budget`, the bonus position gets the most, and late positions of a long draft
-    may get none. This is a prior; a server can refit `accept` from measured acceptance.
+    The probability that a round of k drafts ends at position i (i drafts accepted, then t*) is
+    a_0..a_{i-1} (1 - a_i), and a_0..a_{k-1} at the bonus position k, where a_i is the measured
+    acceptance of the draft at position i+1 given the ones before it. Given where it ends, t* is
+    the draft's rank-f candidate there (without d_{i+1} at a rejection) with a measured
+    probability, kept apart for recovered and bonus tokens. A branch (i, f) is a hit with
+    probability P(i) P(f | i); `fanout` spends the budget on the likeliest ones.
+
+    Priors, worth `prior_n` observations each (so an unmeasured pair gets the fixed geometric
+    default and a measured one its own): acceptance `accept` at every position; a bonus token is
+    the rank-f candidate with probability 2^-(f+1), a recovered one with 2^-(f+2) (the recovered
+    token is one the draft ranked below its own pick, which it ranks less reliably; the rest of
+    its mass is beyond every candidate). One model serves the sequences of one draft worker's
+    stream (one target/draft pair). Not yet: a budget from measured step costs (it is fixed,
+    `defaults.FANOUT_BUDGET`, with `FANOUT_MIN_GAIN` as each branch's price).
     """
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    if budget < 0:
-        raise ValueError(f"fan-out budget must be >= 0, got {budget}")
-    w = [0.5 * accept ** i * (1 - accept) for i in range(k)] + [accept ** k]  # [k+1]
-    F = [0] * (k + 1)
-    for _ in range(budget):
-        i = max(range(k + 1), key=lambda i: (w[i] * 0.5 ** F[i], i))  # ties go to the later position
-        F[i] += 1
-    return F
+
+    RANKS = 64  # ranks tracked per kind; candidates beyond them are never worth a branch
+    POSITIONS = 65  # draft positions 0..64 (k <= 64)
+
+    def __init__(self, accept: float = 0.8, prior_n: float = 8.0):
+        if not 0 < accept < 1:
+            raise ValueError(f"accept must be in (0, 1), got {accept}")
+        if prior_n <= 0:
+            raise ValueError(f"prior_n must be > 0, got {prior_n}")
+        self.prior_accept, self.prior_n = accept, prior_n
+        self.offered = [0] * self.POSITIONS  # rounds that verified a draft at position i + 1
+        self.kept = [0] * self.POSITIONS  # ... and accepted it
+        self.rank_counts = {kind: [0] * self.RANKS for kind in (False, True)}  # bonus? -> counts by rank
+        self.ranked = {False: 0, True: 0}
+
+    @staticmethod
+    def _prior_rank(bonus: bool, f: int) -> float:
+        return 0.5 ** (f + 1) if bonus else 0.5 ** (f + 2)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """One verified round: `accepted` of `drafted` drafts kept."""
+        for i in range(min(accepted + 1, drafted, self.POSITIONS)):
+            self.offered[i] += 1
+            self.kept[i] += i < accepted
+
+    def observe_rank(self, bonus: bool, rank: int) -> None:
+        """Where the draft ranked the realised t* among its candidates (0 = its first choice)."""
+        self.ranked[bonus] += 1
+        if 0 <= rank < self.RANKS:
+            self.rank_counts[bonus][rank] += 1
+
+    def accept_rate(self, i: int) -> float:
+        """Acceptance of the draft at position i + 1 given the ones before it (posterior mean)."""
+        n0 = self.prior_n
+        return (self.kept[i] + n0 * self.prior_accept) / (self.offered[i] + n0)
+
+    def rank_probs(self, bonus: bool) -> list[float]:
+        """P(t* is the rank-f candidate), f = 0..RANKS-1 (posterior mean)."""
+        n0, n, counts = self.prior_n, self.ranked[bonus], self.rank_counts[bonus]
+        return [(counts[f] + n0 * self._prior_rank(bonus, f)) / (n + n0) for f in range(self.RANKS)]
+
+    def outcome_probs(self, k: int) -> list[float]:
+        """P(a round of k drafts ends at position i), i = 0..k (k = the bonus position)."""
+        out, reach = [], 1.0
+        for i in range(k):
+            a = self.accept_rate(i)
+            out.append(reach * (1 - a))
+            reach *= a
+        return out + [reach]
+
+    def fanout(self, k: int, budget: int, min_gain: float = 0.0) -> list[int]:
+        """F_0..F_k maximising P(hit) - min_gain * branches, with at most `budget` branches.
+
+        P(hit) = sum_i P(i) P(rank < F_i | i). Exact (a knapsack over positions; a position's
+        top-F rule takes candidates in rank order, so a measured rank-1 outcome is bought with
+        rank 0); ties go to the later positions.
+        """
+        if not 0 <= k < self.POSITIONS:
+            raise ValueError(f"k must be in [0, {self.POSITIONS - 1}], got {k}")
+        if budget < 0:
+            raise ValueError(f"fan-out budget must be >= 0, got {budget}")
+        P = self.outcome_probs(k)
+        covered = {b: [0.0, *accumulate(self.rank_probs(b))] for b in (False, True)}  # P(rank < F), F = 0..RANKS
+        best = [(0.0, [])] * (budget + 1)  # [b]: the best (value, F_{i+1}..F_k) with at most b branches
+        for i in range(k, -1, -1):
+            cov, new = covered[i == k], []
+            for b in range(budget + 1):
+                top = (-1.0, [])
+                for f in range(min(b, self.RANKS) + 1):
+                    v = best[b - f][0] + P[i] * cov[f] - min_gain * f
+                    if v > top[0] + 1e-12:
+                        top = (v, [f, *best[b - f][1]])
+                new.append(top)
+            best = new
+        return best[budget][1]
+
+    def stats(self) -> dict:
+        """The fitted acceptance per position (first 10) and P(rank 0) of bonus and recovered tokens."""
+        return {"accept": [round(self.accept_rate(i), 3) for i in range(10)],
+                "bonus_top1": round(self.rank_probs(True)[0], 3), "recovered_top1": round(self.rank_probs(False)[0], 3)}
+
+
+def default_fanout(k: int, budget: int = 8, accept: float = 0.8) -> list[int]:
+    """The fan-out F_0..F_k of an unmeasured pair: `AcceptanceModel(accept).fanout(k, budget)`.
+
+    The outcome lands at position i < k with probability a^i (1 - a) and at the bonus position k
+    with probability a^k; a rejection position's candidates count half, and each further
+    candidate of a position half as much as the one before. So the sum is `budget`, the bonus
+    position gets the most, and late positions of a long draft may get none.
+    """
+    return AcceptanceModel(accept).fanout(k, budget)
 
 
 def predict_outcomes(step_probs: torch.Tensor, draft_ids: list[int], fanout: list[int]) -> list[tuple[int, int]]:
@@ -181,15 +295,20 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class DraftSession:
     """One sequence on the draft side: proposals, outcomes and the speculation cache.
 
-    Call `first_proposal()` once, then for every proposal sent: `speculate()` (while the target
-    verifies), then `on_outcome(round, accepted, token)`, which returns the next proposal.
-    `hits` / `misses` count outcomes answered from the cache / drafted just-in-time;
-    `draft_s` / `spec_s` the seconds spent drafting just-in-time / speculating.
+    Call `first_proposal(plan)` once, then for every proposal sent: `speculate()` (while the
+    target verifies; or `speculate_step()` repeatedly, one forward each, answering other work in
+    between), then `on_outcome(round, accepted, token, plan)`, which returns the next proposal.
+    A plan is the target's `KPlan` for the proposal asked for (None: k = the session's k always).
+    `hits` / `misses` count outcomes answered from a pre-drafted branch / drafted just-in-time;
+    `late_hits`, among the hits, those whose branch was still being drafted (or had to be drafted
+    on) after the outcome; `draft_s` / `spec_s` the seconds spent drafting after outcomes /
+    speculating.
     """
 
     def __init__(self, lm: LM, prompt_ids: list[int], sampling: SamplingParams | None = None, k: int = defaults.K,
                  fanout: list[int] | None = None, speculate: bool = True, seed: int = 0,
-                 q_top: int = defaults.Q_TOP, stop_prob: float = 0.0, max_new_tokens: int | None = None):
+                 q_top: int = defaults.Q_TOP, stop_prob: float = 0.0, max_new_tokens: int | None = None,
+                 acceptance: AcceptanceModel | None = None, fanout_budget: int = defaults.FANOUT_BUDGET):
         V = lm.vocab_size
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
@@ -199,8 +318,7 @@ class DraftSession:
             raise ValueError(f"prompt token ids must be in [0, {V}), got {bad[:5]}")
         if not 1 <= k <= 64:
             raise ValueError(f"k (draft length) must be between 1 and 64, got {k}")
-        fanout = default_fanout(k) if fanout is None else list(fanout)
-        if len(fanout) != k + 1 or not all(isinstance(f, int) and f >= 0 for f in fanout):
+        if fanout is not None and (len(fanout) != k + 1 or not all(isinstance(f, int) and f >= 0 for f in fanout)):
             raise ValueError(f"fanout must be k+1={k + 1} non-negative ints (F_0..F_k), got {fanout}")
         if q_top < 1:
             raise ValueError(f"q_top must be >= 1, got {q_top}")
@@ -208,8 +326,12 @@ class DraftSession:
             raise ValueError(f"stop_prob must be in [0, 1), got {stop_prob}")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if fanout_budget < 0:
+            raise ValueError(f"fanout_budget must be >= 0, got {fanout_budget}")
         self.lm, self.sp = lm, sampling or SamplingParams()
-        self.k, self.fanout, self.speculating = k, fanout, speculate
+        self.k, self.fanout, self.speculating = k, (list(fanout) if fanout is not None else None), speculate
+        self.acceptance = acceptance if acceptance is not None else AcceptanceModel()
+        self.fanout_budget = fanout_budget
         self.q_top, self.stop_prob, self.max_new_tokens = q_top, stop_prob, max_new_tokens
         self.gen = torch.Generator().manual_seed(seed)
         self.cache = lm.new_cache()
@@ -218,49 +340,62 @@ class DraftSession:
         self.n_prompt = len(prompt_ids)
         self.round = -1  # round of the last proposal sent
         self.sent: Proposal | None = None
+        self.plan = KPlan(k, k, k)  # the target's plan for `sent`: its k and the round after's
         self.rows: list[torch.Tensor] = []  # logits [V] after seq + d_1..d_i, i = 0.., for `sent`
-        self.table: dict[tuple[int, int, int], Proposal] = {}  # (round, i, t) -> pre-drafted proposal
+        self.table: dict[tuple[int, int, int], tuple[Proposal, bool]] = {}  # (round, i, t) -> (branch, final)
         self.spec_round = -1  # round whose outcomes `table` covers
-        self.hits = self.misses = 0
+        self._branches: _Branches | None = None  # speculation in progress (branches being drafted)
+        self.hits = self.late_hits = self.misses = 0
         self.draft_s = self.spec_s = 0.0
 
     # ---- public protocol ------------------------------------------------------------------
 
-    def first_proposal(self) -> Proposal:
-        """Round 0, drafted after the prompt."""
+    def first_proposal(self, plan: KPlan | None = None) -> Proposal:
+        """Round 0, drafted after the prompt: plan.k drafts (None: the session's k)."""
         if self.sent is not None:
             raise ValueError("first_proposal was already sent: answer outcomes with on_outcome")
+        plan = self._check_plan(plan)
         self.round = 0
-        self.sent = self._draft_jit()
+        self.plan = plan
+        self.sent = self._draft_jit(self._budget(len(self.seq), plan.k))
         return self.sent
 
     def speculate(self) -> None:
-        """Pre-draft the next proposal for the likely outcomes of the proposal just sent."""
-        if not self.speculating or self.sent is None or self.spec_round == self.round + 1:
-            return
-        t0 = time.perf_counter()
-        self.spec_round = self.round + 1
-        self.table = {}
-        d = self.sent.token_ids
-        X = self.seq + d
-        # 1. glue: the rows of step_probs not computed while drafting (all k+1 after a hit)
-        need = len(d) + 1 - len(self.rows)
-        if need > 0:
-            self.rows = self.rows + list(self._sync(X, need))
-        step_probs = torch.stack([self._rank(r) for r in self.rows])  # [k+1, V]
-        # 2. predict: the bonus position uses F_k even when this proposal is shorter than k
-        fan = self.fanout[: len(d)] + [self.fanout[self.k]]
-        keys = predict_outcomes(step_probs, d, fan)
-        if keys:
-            # 3. branch: draft for every predicted outcome at once
-            budgets = [self._budget(len(self.seq) + i + 1) for i, _ in keys]
-            props = self._draft_branches(keys, budgets)
-            # 4. store
-            self.table = {(self.spec_round, i, t): p for (i, t), p in zip(keys, props)}
-        self.spec_s += time.perf_counter() - t0
+        """Pre-draft the next proposal for the likely outcomes of the proposal just sent (all of it)."""
+        while self.speculate_step():
+            pass
 
-    def on_outcome(self, round: int, accepted: int, token: int) -> Proposal:
-        """Commit the verified outcome of `round` and return the proposal for the next round."""
+    def speculate_step(self) -> bool:
+        """One forward of speculation for the proposal just sent; True while more remains.
+
+        The first step runs the glue forward and predicts the branches, each later one drafts one
+        token of every open branch; the last stores them. Returns False at once when there is
+        nothing (more) to do: speculation off, the round already speculated, no branch worth it.
+        """
+        if not self.speculating or self.sent is None or self.spec_round == self.round + 1:
+            return False
+        t0 = time.perf_counter()
+        try:
+            if self._branches is None:
+                return self._begin_speculation()
+            if self._branches.step():
+                return True
+            self.table = {(self.round + 1, i, t): entry for (i, t), entry in zip(self._branches.keys,
+                                                                                  self._branches.results())}
+            self._branches.restore()
+            self._branches = None
+            self.spec_round = self.round + 1
+            return False
+        finally:
+            self.spec_s += time.perf_counter() - t0
+
+    def on_outcome(self, round: int, accepted: int, token: int, plan: KPlan | None = None) -> Proposal:
+        """Commit the verified outcome of `round` and return the proposal for the next round.
+
+        plan: the target's KPlan for that proposal (None: the session's k). Served from a finished
+        branch when the outcome was pre-drafted (cut to plan.k, or drafted on to it), from the
+        branch in progress when it is still being drafted, else drafted just-in-time.
+        """
         if self.sent is None:
             raise StaleRound(f"outcome for round {round} before any proposal: call first_proposal first")
         if round != self.round:
@@ -274,32 +409,86 @@ class DraftSession:
             raise ValueError(f"accepted must be in [0, {k_sent}] (drafts sent in round {round}), got {accepted}")
         if not 0 <= token < self.lm.vocab_size:
             raise ValueError(f"token must be in [0, {self.lm.vocab_size}), got {token}")
+        plan = self._check_plan(plan)
         # nothing changed above this line: a bad outcome leaves the session as it was
+        self._observe(accepted, token)
         self.seq += self.sent.token_ids[:accepted] + [token]
         self.round += 1
-        hit = self.table.get((self.round, accepted, token))
-        self.table = {}
-        self.rows = []
-        if hit is not None:
-            self.hits += 1
-            self.sent = hit
-            return hit
-        self.misses += 1
-        self.sent = self._draft_jit()
+        n = self._budget(len(self.seq), plan.k)
+        entry, branches = self.table.get((self.round, accepted, token)), self._branches
+        self.table, self.rows, self._branches, self.plan = {}, [], None, plan
+        if entry is not None:
+            prop, final = entry
+            # pre-drafted to a shorter plan: draw on after its last token
+            self.sent = prop.cut(n) if len(prop.token_ids) >= n or final else self._draft_jit(n, prop)
+        elif branches is not None and (accepted, token) in branches.index:
+            self.sent = branches.finish(branches.index[accepted, token], n)
+        else:
+            if branches is not None:
+                branches.restore()
+            self.misses += 1
+            self.sent = self._draft_jit(n)
+            return self.sent
+        self.hits += 1
+        self.late_hits += self.sent.late
         return self.sent
 
     @property
     def hit_rate(self) -> float:
+        """Outcomes that were pre-drafted for (finished or late) over all outcomes."""
         n = self.hits + self.misses
         return self.hits / n if n else 0.0
 
     # ---- drafting -------------------------------------------------------------------------
 
-    def _budget(self, committed: int) -> int:
-        """Draft length for a sequence of `committed` tokens: k, or less near max_new_tokens."""
+    def _check_plan(self, plan: KPlan | None) -> KPlan:
+        if plan is None:
+            return KPlan(self.k, self.k, self.k)
+        if not isinstance(plan, KPlan):
+            raise ValueError(f"plan must be a KPlan, got {plan!r}")
+        return plan
+
+    def _budget(self, committed: int, k: int | None = None) -> int:
+        """Draft length for a sequence of `committed` tokens: k (the session's when None), or less near max_new_tokens."""
+        k = self.k if k is None else k
         if self.max_new_tokens is None:
-            return self.k
-        return max(0, min(self.k, self.max_new_tokens - (committed - self.n_prompt) - 1))
+            return k
+        return max(0, min(k, self.max_new_tokens - (committed - self.n_prompt) - 1))
+
+    def _observe(self, accepted: int, token: int) -> None:
+        """Feed the acceptance model: how far the sent proposal got, and where the draft ranked t*."""
+        d = self.sent.token_ids
+        self.acceptance.observe(len(d), accepted)
+        if accepted < len(self.rows):  # the draft's logits at that position (computed while drafting or glueing)
+            row = self.rows[accepted]
+            better = row > row[token]
+            if accepted < len(d):
+                better[d[accepted]] = False  # the rejected draft is never a recovered candidate
+            self.acceptance.observe_rank(accepted == len(d), int(better.sum()))
+
+    def _fanout(self, kd: int) -> list[int]:
+        """F_0..F_kd for a proposal of kd drafts: the fixed fan-out mapped onto it, or the fitted one."""
+        if self.fanout is not None:  # F_i for the rejection positions it names, its last entry for the bonus
+            F = self.fanout
+            return [F[i] if i < len(F) - 1 else 0 for i in range(kd)] + [F[-1]]
+        return self.acceptance.fanout(kd, self.fanout_budget, defaults.FANOUT_MIN_GAIN)
+
+    def _begin_speculation(self) -> bool:
+        """Glue (step_probs for every position of the sent proposal), predict, and set up the branches."""
+        d = self.sent.token_ids
+        need = len(d) + 1 - len(self.rows)
+        if need > 0:  # 1. glue: the rows of step_probs not computed while drafting (all k+1 after a hit)
+            self.rows = self.rows + list(self._sync(self.seq + d, need))
+        step_probs = torch.stack([self._rank(r) for r in self.rows[: len(d) + 1]])  # [k+1, V]
+        keys = predict_outcomes(step_probs, d, self._fanout(len(d)))  # 2. predict
+        if not keys:
+            self.table, self.spec_round = {}, self.round + 1
+            return False
+        # 3. branch: planned to the target's k for the round after, never past the budget
+        limits = [self._budget(len(self.seq) + i + 1, 64) for i, _ in keys]
+        budgets = [min(self.plan.after(i == len(d)), lim) for (i, _), lim in zip(keys, limits)]
+        self._branches = _Branches(self, keys, budgets, limits)
+        return True
 
     def _rank(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution used to rank candidate outcomes: softmax at T=1 when greedy, else warped."""
@@ -327,67 +516,130 @@ class DraftSession:
         self.ids = list(ids)
         return logits
 
-    def _draft_jit(self) -> Proposal:
-        """Draft just-in-time after the committed prefix (same rule as speculative.draft_step)."""
+    def _draft_jit(self, n: int, prefix: Proposal | None = None) -> Proposal:
+        """Draft n tokens after the committed prefix (same rule as speculative.draft_step).
+
+        prefix: a pre-drafted branch shorter than n: its tokens are kept as drawn and drafting
+        goes on after them (a late hit); else a miss.
+        """
         t0 = time.perf_counter()
-        n = self._budget(len(self.seq))
-        logits = self._sync(self.seq, 1)[-1]  # [V]
-        self.rows = [logits]
-        d, qi, qp = [], [], []
-        for i in range(n):
+        d = list(prefix.token_ids) if prefix else []
+        qi, qp = (list(prefix.q_ids), list(prefix.q_probs)) if prefix else ([], [])
+        self.rows = list(self._sync(self.seq + d, len(d) + 1))  # rows i = 0..len(d)
+        logits = self.rows[-1]
+        while len(d) < n:
             t, ids, ps, stop = self._pick(logits[None])[0]
             d.append(t), qi.append(ids), qp.append(ps)
-            if stop or i == n - 1:
+            if stop or len(d) == n:
                 break
             logits = self._sync(self.seq + d, 1)[-1]
             self.rows.append(logits)
-        # rows: i = 0..max(len(d)-1, 0) (the cache holds seq + d_1..d_{n-1}); speculate's glue adds row n
+        # rows: i = 0..len(d)-1 (the cache holds seq + d_1..d_{n-1}; n = 0: row 0); speculate's glue adds row n
         self.draft_s += time.perf_counter() - t0
-        return Proposal(self.round, d, qi if not self.sp.greedy else [], qp if not self.sp.greedy else [])
+        greedy = self.sp.greedy
+        return Proposal(self.round, d, [] if greedy else qi, [] if greedy else qp,
+                        cache_hit=prefix is not None, late=prefix is not None)
 
-    def _draft_branches(self, keys: list[tuple[int, int]], budgets: list[int]) -> list[Proposal]:
-        """Draft budgets[b] tokens for every branch (i, t) in batched forwards over a shared prefix.
 
-        The cache holds S + d_1..d_k (length L, batch 1). Branch (i, t) puts t at position |S|+i
-        and must not see cache columns |S|+i .. L-1 (d_{i+1}..d_k).
-        """
-        B, K, P, L = len(keys), max(budgets), len(self.seq), self.cache.length
-        assert L == len(self.ids) == P + len(self.sent.token_ids)
-        toks: list[list[int]] = [[] for _ in range(B)]
-        qi: list[list[list[int]]] = [[] for _ in range(B)]
-        qp: list[list[list[float]]] = [[] for _ in range(B)]
-        if K == 0:
-            return [Proposal(self.spec_round, [], [], [], cache_hit=True) for _ in range(B)]
-        pos = torch.tensor([P + i for i, _ in keys])  # [B] position of each branch's token t
-        mask = torch.ones(B, L + K, dtype=torch.long)  # [B, L+K] cache columns each branch sees
+class _Branches:
+    """The branches of one speculation, drafted one batched forward (`step`) at a time.
+
+    The session's cache holds S + d_1..d_k (length L, batch 1). Branch (i, t) puts t at
+    position |S|+i and must not see cache columns |S|+i .. L-1 (d_{i+1}..d_k). budgets[b]: the
+    tokens branch b is drafted to (the plan's k); limits[b]: the most it may ever hold (the
+    session's budget), so a branch that reached its limit or stopped early is final.
+    """
+
+    def __init__(self, sess: DraftSession, keys: list[tuple[int, int]], budgets: list[int], limits: list[int]):
+        B, P, L = len(keys), len(sess.seq), sess.cache.length
+        assert L == len(sess.ids) == P + len(sess.sent.token_ids)
+        self.sess, self.keys, self.budgets, self.limits, self.P, self.L = sess, keys, budgets, limits, P, L
+        self.index = {key: b for b, key in enumerate(keys)}
+        self.spec_round = sess.round + 1
+        self.toks: list[list[int]] = [[] for _ in range(B)]
+        self.qi: list[list[list[int]]] = [[] for _ in range(B)]
+        self.qp: list[list[list[float]]] = [[] for _ in range(B)]
+        self.stopped = [False] * B  # ended early after a token the draft doubts
+        self.open = [n > 0 for n in budgets]
+        self.steps = 0  # batched forwards so far (branch b's tokens sit at columns L.. of its row)
+        self.pos = torch.tensor([P + i for i, _ in keys])  # [B] position of each branch's token t
+        self.mask = torch.ones(B, L, dtype=torch.long)  # [B, L] prefix columns each branch sees
         for b, (i, _) in enumerate(keys):
-            mask[b, P + i:L] = 0
-        x = torch.tensor([t for _, t in keys])  # [B]
-        open_ = [n > 0 for n in budgets]
+            self.mask[b, P + i:L] = 0
+        self.x = torch.tensor([t for _, t in keys])  # [B] the tokens the next step feeds
         # DynamicLayer.update concatenates into new tensors, so the batch-1 tensors survive the
         # branch steps untouched: keep references and put them back (no copy) afterwards
-        layers = self.cache.cache.layers
-        saved = [(ly.keys, ly.values) for ly in layers] if DynamicLayer and all(type(ly) is DynamicLayer for ly in layers) else None
-        self.cache.expand(B)
-        try:
-            for s in range(K):
-                logits = forward_branches(self.cache, x, pos + s, mask[:, : L + s + 1])  # [B, V]
-                live = [b for b in range(B) if open_[b]]
-                for b, (t, ids, ps, stop) in zip(live, self._pick(logits[live])):
-                    toks[b].append(t), qi[b].append(ids), qp[b].append(ps)
-                    open_[b] = not stop and len(toks[b]) < budgets[b]
-                if not any(open_):
-                    break
-                x = torch.tensor([tb[-1] if tb else 0 for tb in toks])  # finished branches feed filler
-        finally:
-            # 4. restore: back to batch 1 holding S + d_1..d_k
-            if saved is not None:
-                for ly, (kk, vv) in zip(layers, saved):
-                    ly.keys, ly.values = kk, vv
-                self.cache.length = L
-            else:
-                _truncate(self.cache, L)
-                self.cache.select(0)
-        greedy = self.sp.greedy
-        return [Proposal(self.spec_round, toks[b], [] if greedy else qi[b], [] if greedy else qp[b], cache_hit=True)
-                for b in range(B)]
+        layers = sess.cache.cache.layers
+        self.saved = ([(ly.keys, ly.values) for ly in layers]
+                      if DynamicLayer and all(type(ly) is DynamicLayer for ly in layers) else None)
+        self.batched = False
+
+    def step(self) -> bool:
+        """One batched forward over every branch (one more token for each open one); True while any is open."""
+        if not any(self.open):
+            return False
+        cache, B = self.sess.cache, len(self.keys)
+        if not self.batched:
+            cache.expand(B)
+            self.batched = True
+        mask = torch.cat([self.mask, torch.ones(B, self.steps + 1, dtype=torch.long)], 1)  # [B, L+steps+1]
+        logits = forward_branches(cache, self.x, self.pos + self.steps, mask)  # [B, V]
+        self.steps += 1
+        live = [b for b in range(B) if self.open[b]]
+        for b, (t, ids, ps, stop) in zip(live, self.sess._pick(logits[live])):
+            self.toks[b].append(t), self.qi[b].append(ids), self.qp[b].append(ps)
+            self.stopped[b] = stop
+            self.open[b] = not stop and len(self.toks[b]) < self.budgets[b]
+        self.x = torch.tensor([tb[-1] if tb else 0 for tb in self.toks])  # finished branches feed filler
+        return any(self.open)
+
+    def results(self) -> list[tuple[Proposal, bool]]:
+        """Every branch as (its proposal, final: it cannot grow, having stopped early or reached its limit)."""
+        greedy = self.sess.sp.greedy
+        return [(Proposal(self.spec_round, self.toks[b], [] if greedy else self.qi[b], [] if greedy else self.qp[b],
+                          cache_hit=True), self.stopped[b] or len(self.toks[b]) >= self.limits[b])
+                for b in range(len(self.keys))]
+
+    def finish(self, b: int, n: int) -> Proposal:
+        """Draft branch b alone on to n tokens (the outcome picked it mid-speculation); restore; return it.
+
+        The proposal is `late` when it needed drafting after the outcome (it had fewer than n tokens).
+        """
+        sess, cache = self.sess, self.sess.cache
+        i, t = self.keys[b]
+        toks, qi, qp = self.toks[b], self.qi[b], self.qp[b]
+        t0 = time.perf_counter()
+        late = len(toks) < n and not self.stopped[b]
+        if late:
+            if self.batched:
+                cache.select(b)  # batch 1: this branch's row (prefix, then its own columns and fillers)
+                self.batched = False
+            while len(toks) < n and not self.stopped[b]:
+                m, C = len(toks), cache.length
+                mask = torch.zeros(1, C + 1, dtype=torch.long)  # its prefix, its own tokens, the new one
+                mask[0, : self.P + i] = 1
+                mask[0, self.L: self.L + m] = 1
+                mask[0, C] = 1
+                x = torch.tensor([toks[-1] if toks else t])
+                logits = forward_branches(cache, x, torch.tensor([self.P + i + m]), mask)  # [1, V]
+                tok, ids, ps, stop = sess._pick(logits)[0]
+                toks.append(tok), qi.append(ids), qp.append(ps)
+                self.stopped[b] = stop
+        self.restore()
+        sess.draft_s += time.perf_counter() - t0
+        prop, _ = self.results()[b]
+        prop.late = late
+        return prop.cut(n)
+
+    def restore(self) -> None:
+        """Back to batch 1 holding S + d_1..d_k."""
+        cache = self.sess.cache
+        if self.saved is not None:
+            for ly, (kk, vv) in zip(cache.cache.layers, self.saved):
+                ly.keys, ly.values = kk, vv
+            cache.length = self.L
+        else:
+            _truncate(cache, self.L)
+            if self.batched:
+                cache.select(0)
+        self.batched = False

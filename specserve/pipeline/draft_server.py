@@ -3,13 +3,16 @@
 Three layers, each thin over the one below (grpc's route_guide style):
 
 * `DraftService` -- plain Python. Owns the draft `LM` and the open sequences of ONE stream
-  (seq -> `specserve.engine.ssd.DraftSession`). `handle(TargetMessage) -> [DraftMessage]`
-  applies one message; `speculate(seq)` runs the session's speculation after its proposal went
-  out. Anything a message gets wrong becomes an `Error` for that sequence, never an exception.
+  (seq -> `specserve.engine.ssd.DraftSession`, sharing one `AcceptanceModel` that fits the
+  fan-out). `handle(TargetMessage) -> [DraftMessage]` applies one message; `speculate_step(seq)`
+  runs one forward of the session's speculation after its proposal went out. Anything a message
+  gets wrong becomes an `Error` for that sequence, never an exception.
 * `serve_stream(service, inbox)` -- the per-stream loop, a generator of DraftMessages. It answers
-  waiting messages first; when none is waiting it speculates for one sequence whose proposal is
-  out and whose outcome has not arrived. So speculation runs exactly between "proposal sent" and
-  "outcome received", and a sequence whose outcome is already waiting skips it.
+  waiting messages first; when none is waiting it runs one step of speculation for the oldest
+  sequence whose proposal is out, then looks at the inbox again. So speculation runs between
+  "proposal sent" and "outcome received" and yields to every arriving message within one draft
+  step: an outcome of another sequence is answered from its cache at once, and the outcome of
+  the sequence being speculated finishes its own branch (a late hit) or drafts just-in-time.
 * `SpeculationServicer` / `serve` / `run_draft_worker` -- gRPC: per stream, a reader thread moves
   incoming messages into the inbox, a worker thread runs `serve_stream` and hands its replies to
   the response generator (so speculation starts as soon as a proposal is queued for sending).
@@ -29,9 +32,9 @@ from typing import Iterable, Iterator
 import grpc
 
 from ..engine.lm import LM, load_model, set_threads
-from ..engine.ssd import DraftSession, StaleRound
+from ..engine.ssd import AcceptanceModel, DraftSession, StaleRound
 from ..v1 import speculation_pb2_grpc as pb_grpc
-from .wire import error_message, message_seq, pb, proposal_message, session_kwargs
+from .wire import PROTOCOL, error_message, message_seq, pb, plan_from, proposal_message, session_kwargs
 
 __all__ = ["DraftService", "Inbox", "serve_stream", "SpeculationServicer", "serve", "run_draft_worker",
            "SERVER_OPTIONS"]
@@ -62,7 +65,12 @@ def _version() -> str:
 
 def info_reply(lm: LM) -> pb.InfoReply:
     return pb.InfoReply(model=lm.name, vocab_size=lm.vocab_size, version=_version(), dtype=lm.dtype,
-                        quantization=lm.quantization or "", eos_ids=sorted(lm.eos_ids))
+                        quantization=lm.quantization or "", eos_ids=sorted(lm.eos_ids), protocol=PROTOCOL)
+
+
+ANSWERS = ("hit", "late", "miss")  # how an outcome was answered: a finished branch, a branch in progress, JIT
+COUNTERS = ("started", "errors", "hits", "late_hits", "misses", "spec_steps",
+            *(f"{kind}_answers" for kind in ANSWERS), *(f"{kind}_answer_s" for kind in ANSWERS))  # summed over streams
 
 
 class DraftService:
@@ -71,10 +79,13 @@ class DraftService:
     def __init__(self, lm: LM):
         self.lm = lm
         self.sessions: dict[str, DraftSession] = {}
+        self.acceptance = AcceptanceModel()  # one target/draft pair per stream: its sequences share the fit
         self.started = 0
         self.errors = 0
-        self._closed_hits = 0
-        self._closed_misses = 0
+        self.spec_steps = 0
+        self._closed = {"hits": 0, "late_hits": 0, "misses": 0}
+        self.answers = dict.fromkeys(ANSWERS, 0)  # outcomes answered through serve_stream, by kind
+        self.answer_s = dict.fromkeys(ANSWERS, 0.0)  # ... and their seconds from arrival to reply
 
     # ------------------------------------------------------------------ messages
 
@@ -97,36 +108,63 @@ class DraftService:
             return [self._error(seq, E.INTERNAL, f"draft failed: {type(exc).__name__}: {exc}; "
                                                  "the sequence is closed: Start it again or decode without the draft")]
 
-    def speculate(self, seq: str) -> list[pb.DraftMessage]:
-        """Run speculation for `seq` (after its proposal was sent). Returns [] or [Error INTERNAL]."""
+    def speculate_step(self, seq: str) -> tuple[list[pb.DraftMessage], bool]:
+        """One forward of `seq`'s speculation (after its proposal was sent): (replies, more to do).
+
+        replies is [] or [Error INTERNAL] (the sequence is then closed).
+        """
         session = self.sessions.get(seq)
         if session is None:
-            return []
+            return [], False
         try:
-            session.speculate()
-            return []
+            more = session.speculate_step()
+            self.spec_steps += 1
+            return [], more
         except Exception as exc:
             log.exception("speculation failed for sequence %r", seq)
             self._drop(seq)
             return [self._error(seq, E.INTERNAL, f"speculation failed: {type(exc).__name__}: {exc}; "
-                                                 "the sequence is closed: Start it again or decode without the draft")]
+                                                 "the sequence is closed: Start it again or decode without the draft")], False
+
+    def speculate(self, seq: str) -> list[pb.DraftMessage]:
+        """All of `seq`'s speculation at once. Returns [] or [Error INTERNAL]."""
+        while True:
+            out, more = self.speculate_step(seq)
+            if out or not more:
+                return out
+
+    def answered(self, prop: pb.Proposal, seconds: float) -> None:
+        """Record how long an outcome waited for its reply (arrival to reply)."""
+        kind = "miss" if not prop.cache_hit else "late" if prop.late else "hit"
+        self.answers[kind] += 1
+        self.answer_s[kind] += seconds
 
     def close(self) -> None:
         """Free every open sequence (the stream ended)."""
         for seq in list(self.sessions):
             self._drop(seq)
 
+    def _count(self, name: str) -> int:
+        return self._closed[name] + sum(getattr(s, name) for s in list(self.sessions.values()))
+
     @property
     def hits(self) -> int:
-        return self._closed_hits + sum(s.hits for s in list(self.sessions.values()))
+        return self._count("hits")
+
+    @property
+    def late_hits(self) -> int:
+        return self._count("late_hits")
 
     @property
     def misses(self) -> int:
-        return self._closed_misses + sum(s.misses for s in list(self.sessions.values()))
+        return self._count("misses")
 
     def stats(self) -> dict:
-        return {"open": len(self.sessions), "started": self.started, "errors": self.errors,
-                "hits": self.hits, "misses": self.misses}
+        out = {"open": len(self.sessions), "started": self.started, "errors": self.errors,
+               "hits": self.hits, "late_hits": self.late_hits, "misses": self.misses, "spec_steps": self.spec_steps}
+        for kind in ANSWERS:
+            out[f"{kind}_answers"], out[f"{kind}_answer_s"] = self.answers[kind], self.answer_s[kind]
+        return out
 
     # ------------------------------------------------------------------ internals
 
@@ -143,12 +181,13 @@ class DraftService:
             return self._error(m.seq, E.INVALID_ARGUMENT, f"bad SpecParams: {exc}")
         t0 = time.perf_counter()
         try:
-            session = DraftSession(self.lm, prompt, **kwargs)  # validates prompt, k, fanout, ...
+            plan = plan_from(m)
+            session = DraftSession(self.lm, prompt, acceptance=self.acceptance, **kwargs)  # validates prompt, k, ...
         except ValueError as exc:
             return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
         self.sessions[m.seq] = session
         self.started += 1
-        prop = session.first_proposal()
+        prop = session.first_proposal(plan)
         return proposal_message(m.seq, prop, time.perf_counter() - t0)
 
     def _outcome(self, m: pb.Outcome) -> pb.DraftMessage:
@@ -159,18 +198,20 @@ class DraftService:
                                "after an error): send Start first")
         t0 = time.perf_counter()
         try:
-            prop = session.on_outcome(int(m.round), int(m.accepted), int(m.token))  # validates them
+            prop = session.on_outcome(int(m.round), int(m.accepted), int(m.token), plan_from(m))  # validates them
         except StaleRound as exc:
             return self._error(m.seq, E.STALE_ROUND, str(exc))
         except ValueError as exc:
             return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
+        if m.HasField("speculate"):  # the target's choice for the round after this proposal
+            session.speculating = m.speculate
         return proposal_message(m.seq, prop, time.perf_counter() - t0)
 
     def _drop(self, seq: str) -> None:
         session = self.sessions.pop(seq, None)
         if session is not None:
-            self._closed_hits += session.hits
-            self._closed_misses += session.misses
+            for name in self._closed:
+                self._closed[name] += getattr(session, name)
 
     def _error(self, seq: str, code: int, message: str) -> pb.DraftMessage:
         self.errors += 1
@@ -180,49 +221,66 @@ class DraftService:
 # ---------------------------------------------------------------------- the stream loop
 
 class Inbox:
-    """Incoming messages of one stream; `close()` ends it after the messages already in."""
+    """Incoming messages of one stream; `close()` ends it after the messages already in.
+
+    Each message is stamped when it arrives: after `get`, `arrived` is the perf_counter time at
+    which the returned message was put in (the answer latency counts from there).
+    """
 
     CLOSED = object()
 
     def __init__(self):
         self._q: queue.Queue = queue.Queue()
+        self.arrived = 0.0
 
     def put(self, msg: pb.TargetMessage) -> None:
-        self._q.put(msg)
+        self._q.put((time.perf_counter(), msg))
 
     def close(self) -> None:
-        self._q.put(Inbox.CLOSED)
+        self._q.put((time.perf_counter(), Inbox.CLOSED))
 
     def get(self, block: bool) -> pb.TargetMessage | None | object:
         """The next message; None when not blocking and nothing is waiting; Inbox.CLOSED at the end."""
         try:
-            return self._q.get(block=block)
+            self.arrived, msg = self._q.get(block=block)
         except queue.Empty:
             return None
+        return msg
 
 
 def serve_stream(service: DraftService, inbox: Inbox) -> Iterator[pb.DraftMessage]:
-    """Yield the replies to the inbox's messages, speculating while no message is waiting.
+    """Yield the replies to the inbox's messages, speculating one step at a time while none is waiting.
 
-    Pending speculation is kept in send order; a message for a sequence cancels its pending
-    speculation (its outcome is here: the session answers it as a cache miss).
+    Sequences whose proposal is out are speculated for oldest first, one forward per turn, and
+    the inbox is read again after every forward: a message waits for at most one draft step.
+    A sequence's own outcome ends its speculation (the session serves it from the branch being
+    drafted, or drafts just-in-time), and its new proposal queues it again at the back.
+    Every proposal's `draft_s` is the time from its request's arrival to the reply.
     """
-    pending: dict[str, None] = {}  # ordered set: proposals sent, speculation not run yet
+    pending: dict[str, None] = {}  # ordered set: proposals sent whose speculation is not finished
     try:
         while True:
             msg = inbox.get(block=not pending)
             if msg is Inbox.CLOSED:
                 return
-            if msg is None:  # nothing waiting: speculate for the oldest sent proposal
+            if msg is None:  # nothing waiting: one step for the oldest sent proposal
                 seq = next(iter(pending))
-                del pending[seq]
-                yield from service.speculate(seq)
+                out, more = service.speculate_step(seq)
+                if not more:
+                    del pending[seq]
+                yield from out
                 continue
-            pending.pop(message_seq(msg), None)
+            arrived, seq = inbox.arrived, message_seq(msg)
             for out in service.handle(msg):
-                yield out
                 if out.WhichOneof("kind") == "proposal":
-                    pending[out.proposal.seq] = None
+                    out.proposal.draft_s = time.perf_counter() - arrived
+                    if msg.WhichOneof("kind") == "outcome":
+                        service.answered(out.proposal, out.proposal.draft_s)
+                    pending.pop(seq, None)
+                    pending[seq] = None  # speculate for the new proposal, after the older ones
+                yield out
+            if seq not in service.sessions:  # stopped or closed after an error
+                pending.pop(seq, None)
     finally:
         service.close()
 
@@ -248,7 +306,7 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
         self.lm = lm
         self.streams = 0  # Stream calls so far
         self._live: set[DraftService] = set()
-        self._done = {"started": 0, "errors": 0, "hits": 0, "misses": 0}
+        self._done = dict.fromkeys(COUNTERS, 0)
         self._lock = threading.Lock()
 
     def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
@@ -289,12 +347,17 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
                     self._done[key] += stats[key]
 
     def stats(self) -> dict:
-        """Counters over all streams: open streams and sequences, Starts, Errors, cache hits/misses."""
+        """Counters over all streams: open streams and sequences, Starts, Errors, cache hits (finished and
+        late) and misses, speculation steps, and the mean answer latency of each kind (`hit_answer_ms`, ...:
+        an outcome's arrival to its reply)."""
         with self._lock:
             live = [s.stats() for s in self._live]
             out = {"streams": self.streams, "streams_open": len(live), "sequences_open": sum(s["open"] for s in live)}
             for key, done in self._done.items():
                 out[key] = done + sum(s[key] for s in live)
+        for kind in ANSWERS:
+            n = out[f"{kind}_answers"]
+            out[f"{kind}_answer_ms"] = round(1000 * out[f"{kind}_answer_s"] / n, 3) if n else None
         return out
 
 

@@ -23,10 +23,10 @@ import torch
 
 from ..engine import defaults
 from ..engine.sampling import SamplingParams
-from ..engine.speculative import Drafter, DraftUnavailable
+from ..engine.speculative import Drafter, DraftUnavailable, KPlan
 from ..engine.ssd import Proposal
 from ..v1 import speculation_pb2_grpc as pb_grpc
-from .wire import message_seq, pb, proposal_fields, spec_params
+from .wire import PROTOCOL, message_seq, pb, plan_message, proposal_fields, spec_params
 
 __all__ = ["DraftClient", "DraftInfo", "RemoteProposal", "RemoteDrafter", "DraftUnavailable", "DraftError",
            "CHANNEL_OPTIONS"]
@@ -64,6 +64,7 @@ class DraftInfo:
     dtype: str
     quantization: str | None
     eos_ids: tuple[int, ...]
+    protocol: int = 1  # the speculation protocol it speaks (wire.PROTOCOL; 1 before the field existed)
 
 
 _BROKEN = object()
@@ -149,7 +150,8 @@ class DraftClient:
                                    f"{exc.code().name}: {exc.details()}") from None
         except ValueError as exc:  # the channel was closed meanwhile
             raise DraftUnavailable(f"draft at {self.address}: {exc}") from None
-        return DraftInfo(r.model, r.vocab_size, r.version, r.dtype, r.quantization or None, tuple(r.eos_ids))
+        return DraftInfo(r.model, r.vocab_size, r.version, r.dtype, r.quantization or None, tuple(r.eos_ids),
+                         r.protocol or 1)
 
     def alive(self, timeout: float = 2.0) -> bool:
         """Whether the draft answers Info within `timeout` (a busy draft does; a dead one does not)."""
@@ -160,18 +162,24 @@ class DraftClient:
             return False
 
     def check_vocab(self, vocab_size: int, timeout: float | None = None) -> DraftInfo:
-        """Info, raising ValueError when the draft's vocabulary differs from `vocab_size`."""
+        """Info, raising ValueError when the draft's vocabulary differs from `vocab_size` or it speaks
+        another speculation protocol."""
         info = self.info(timeout)
+        if info.protocol != PROTOCOL:
+            raise ValueError(f"draft at {self.address} ({info.model}, specserve {info.version}) speaks speculation "
+                             f"protocol {info.protocol} but this target speaks {PROTOCOL}: run the same specserve "
+                             "version on both")
         if info.vocab_size != vocab_size:
             raise ValueError(f"draft at {self.address} ({info.model}) has a vocabulary of {info.vocab_size} "
                              f"tokens but the target has {vocab_size}: use a draft of the same model family")
         return info
 
     def start(self, seq: str, prompt_ids: list[int], params: pb.SpecParams | dict | None = None,
-              timeout: float | None = None) -> RemoteProposal:
+              timeout: float | None = None, plan: KPlan | None = None) -> RemoteProposal:
         """Open sequence `seq` with its committed tokens; return the round-0 proposal.
 
         params: a SpecParams message, a dict of `wire.spec_params` arguments, or None (defaults).
+        plan: round 0's KPlan (None: params.k throughout).
         """
         if isinstance(params, dict):
             params = spec_params(**params)
@@ -189,19 +197,24 @@ class DraftClient:
         with stream.lock:
             stream.queues[seq] = queue.Queue()
         stream.send(pb.TargetMessage(start=pb.Start(seq=seq, prompt_ids=[int(t) for t in prompt_ids],
-                                                    params=params)))
+                                                    params=params, plan=plan_message(plan))))
         return self._wait(stream, seq, 0, self._t(timeout))
 
-    def outcome(self, seq: str, round: int, accepted: int, token: int,
-                timeout: float | None = None) -> RemoteProposal:
-        """Report round `round`'s verification (`accepted` drafts, then `token`); return round + 1."""
+    def outcome(self, seq: str, round: int, accepted: int, token: int, timeout: float | None = None,
+                plan: KPlan | None = None, speculate: bool | None = None) -> RemoteProposal:
+        """Report round `round`'s verification (`accepted` drafts, then `token`); return round + 1.
+
+        plan: that proposal's KPlan (None: the sequence's k); speculate: whether the draft should
+        pre-draft the round after it (None: as before).
+        """
         stream = self._seqs.get(seq)
         if stream is None:
             if self._closed:  # closed under a running sequence (its draft went away): finish alone
                 raise DraftUnavailable(f"the DraftClient to {self.address} was closed")
             raise ValueError(f"sequence {seq!r} is not open on this client: start it first")
         stream.send(pb.TargetMessage(outcome=pb.Outcome(seq=seq, round=int(round), accepted=int(accepted),
-                                                        token=int(token))))
+                                                        token=int(token), plan=plan_message(plan),
+                                                        speculate=speculate)))
         return self._wait(stream, seq, int(round) + 1, self._t(timeout))
 
     def stop(self, seq: str) -> None:
@@ -267,14 +280,17 @@ class DraftClient:
 class RemoteDrafter(Drafter):
     """One sequence of the engine's loop, drafted by a remote SSD worker behind a DraftClient.
 
-    The worker owns k, fan-out and speculation (it must know them before the outcome arrives);
-    `stop_prob` is sd's early-stop rule on the draft side (a proposal ends after a token the draft
-    gives less than this probability; 0 always drafts k): on the real pair it lifts acceptance from
-    0.67 to 0.80 and the cache hit rate from 0.59 to 0.74 (README, SSD);
-    the loop verifies whatever prefix of each proposal fits its budget. `on_outcome` reports the
-    outcome and waits for the next proposal: a cache hit answers at once, a miss after a
-    just-in-time draft. Every wait has a deadline; a late or broken draft raises DraftUnavailable
-    and the loop finishes the sequence alone.
+    The loop owns k: every request for a proposal (the Start, then every outcome) carries the
+    loop's KPlan, and the worker drafts exactly that (its branches to the plan's next lengths),
+    so the loop never cuts a proposal and a cut is never mistaken for a rejection. `k` here is
+    only the worker's default for a message without a plan; fan-out and speculation stay the
+    worker's. `stop_prob` is sd's early-stop rule on the draft side (a proposal ends after a
+    token the draft gives less than this probability; 0 always drafts k): on the real pair it
+    lifts acceptance from 0.67 to 0.80 and the cache hit rate from 0.59 to 0.74 (README, SSD).
+    `on_outcome` reports the outcome and waits for the next proposal: a cache hit answers at
+    once, a miss after a just-in-time draft. Every wait has a deadline; a late or broken draft
+    (or one that proposes more than asked) raises DraftUnavailable and the loop finishes the
+    sequence alone.
     """
 
     def __init__(self, client: DraftClient, prompt_ids: list[int], vocab_size: int, *,
@@ -291,11 +307,11 @@ class RemoteDrafter(Drafter):
         self.seq = uuid.uuid4().hex
         self.timeout = timeout
         self.prop: RemoteProposal | None = None
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.late_hits = 0
 
-    def propose(self, seq, k):
+    def propose(self, seq, plan):
         if self.prop is None:
-            self.prop = self.client.start(self.seq, self.prompt, self.params, timeout=self.timeout)
+            self._take(self.client.start(self.seq, self.prompt, self.params, timeout=self.timeout, plan=plan), plan)
         d = list(self.prop.token_ids)
         if not self.prop.q_ids:
             return d, None
@@ -304,11 +320,19 @@ class RemoteDrafter(Drafter):
             q[i, torch.tensor(ids, dtype=torch.long)] = torch.tensor(probs, dtype=torch.float32)
         return d, q
 
-    def on_outcome(self, accepted, token, committed):
-        prop = self.client.outcome(self.seq, self.prop.round, accepted, token, timeout=self.timeout)
+    def on_outcome(self, accepted, token, committed, plan):
+        prop = self.client.outcome(self.seq, self.prop.round, accepted, token, timeout=self.timeout, plan=plan)
+        self._take(prop, plan)
         self.hits += prop.cache_hit
+        self.late_hits += prop.cache_hit and prop.late
         self.misses += not prop.cache_hit
         self.last_hit = bool(prop.cache_hit)
+
+    def _take(self, prop: RemoteProposal, plan: KPlan) -> None:
+        if len(prop.token_ids) > plan.k:
+            raise DraftUnavailable(f"the draft at {self.client.address} proposed {len(prop.token_ids)} tokens for "
+                                   f"round {prop.round} when asked for at most {plan.k}: it does not follow the "
+                                   "target's k (an older draft worker? run the same specserve version on both)")
         self.prop = prop
 
     def close(self):

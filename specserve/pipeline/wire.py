@@ -10,11 +10,13 @@ from typing import Any
 
 from ..engine.defaults import K, Q_TOP
 from ..engine.sampling import SamplingParams
+from ..engine.speculative import KPlan
 from ..v1 import speculation_pb2 as pb
 
-__all__ = ["pb", "spec_params", "session_kwargs", "proposal_message",
+__all__ = ["pb", "PROTOCOL", "spec_params", "session_kwargs", "plan_message", "plan_from", "proposal_message",
            "error_message", "proposal_fields", "message_seq"]
 
+PROTOCOL = 2  # InfoReply.protocol: the speculation protocol both sides speak (speculation.proto, "Version")
 
 
 def spec_params(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, k: int = K,
@@ -49,6 +51,25 @@ def session_kwargs(p: pb.SpecParams) -> dict[str, Any]:
     }
 
 
+def plan_message(plan: KPlan | None) -> pb.KPlan | None:
+    """The loop's KPlan -> its message (None stays None: the field is left unset)."""
+    if plan is None:
+        return None
+    return pb.KPlan(k=plan.k, if_accepted=plan.if_accepted, if_rejected=plan.if_rejected)
+
+
+def plan_from(msg: pb.Start | pb.Outcome) -> KPlan | None:
+    """A Start's or an Outcome's `plan` -> KPlan (None when unset); ValueError naming the field."""
+    if not msg.HasField("plan"):
+        return None
+    p = msg.plan
+    for name in ("k", "if_accepted", "if_rejected"):
+        if getattr(p, name) > 64:
+            raise ValueError(f"{type(msg).__name__}.plan.{name} is {getattr(p, name)}: "
+                             "ask for at most 64 drafts a round")
+    return KPlan(int(p.k), int(p.if_accepted), int(p.if_rejected))
+
+
 def _rows(x: Any) -> list[list]:
     """A [k, m] tensor, array or list of lists (or None) -> a list of k python lists."""
     if x is None:
@@ -66,7 +87,7 @@ def proposal_message(seq: str, prop: Any, draft_s: float = 0.0) -> pb.DraftMessa
     q = [pb.SparseDist(ids=i, probs=p) for i, p in zip(ids, probs)]
     return pb.DraftMessage(proposal=pb.Proposal(
         seq=seq, round=int(prop.round), token_ids=[int(t) for t in prop.token_ids], q=q,
-        cache_hit=bool(prop.cache_hit), draft_s=float(draft_s)))
+        cache_hit=bool(prop.cache_hit), draft_s=float(draft_s), late=bool(getattr(prop, "late", False))))
 
 
 def proposal_fields(msg: pb.Proposal) -> dict[str, Any]:
@@ -77,6 +98,7 @@ def proposal_fields(msg: pb.Proposal) -> dict[str, Any]:
         "q_ids": [list(d.ids) for d in msg.q],
         "q_probs": [list(d.probs) for d in msg.q],
         "cache_hit": bool(msg.cache_hit),
+        "late": bool(msg.late),
     }
 
 

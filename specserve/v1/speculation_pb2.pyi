@@ -18,14 +18,26 @@ class TargetMessage(_message.Message):
     def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("seq", "prompt_ids", "params")
+    __slots__ = ("seq", "prompt_ids", "params", "plan")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     seq: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SpecParams
-    def __init__(self, seq: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SpecParams, _Mapping]] = ...) -> None: ...
+    plan: KPlan
+    def __init__(self, seq: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SpecParams, _Mapping]] = ..., plan: _Optional[_Union[KPlan, _Mapping]] = ...) -> None: ...
+
+class KPlan(_message.Message):
+    __slots__ = ("k", "if_accepted", "if_rejected")
+    K_FIELD_NUMBER: _ClassVar[int]
+    IF_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    IF_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    if_accepted: int
+    if_rejected: int
+    def __init__(self, k: _Optional[int] = ..., if_accepted: _Optional[int] = ..., if_rejected: _Optional[int] = ...) -> None: ...
 
 class SpecParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "k", "fanout", "speculate", "seed", "q_top", "stop_prob", "max_new_tokens")
@@ -52,16 +64,20 @@ class SpecParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., k: _Optional[int] = ..., fanout: _Optional[_Iterable[int]] = ..., speculate: _Optional[bool] = ..., seed: _Optional[int] = ..., q_top: _Optional[int] = ..., stop_prob: _Optional[float] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("seq", "round", "accepted", "token")
+    __slots__ = ("seq", "round", "accepted", "token", "plan", "speculate")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_FIELD_NUMBER: _ClassVar[int]
     seq: str
     round: int
     accepted: int
     token: int
-    def __init__(self, seq: _Optional[str] = ..., round: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
+    plan: KPlan
+    speculate: bool
+    def __init__(self, seq: _Optional[str] = ..., round: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., plan: _Optional[_Union[KPlan, _Mapping]] = ..., speculate: _Optional[bool] = ...) -> None: ...
 
 class Stop(_message.Message):
     __slots__ = ("seq",)
@@ -78,20 +94,22 @@ class DraftMessage(_message.Message):
     def __init__(self, proposal: _Optional[_Union[Proposal, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Proposal(_message.Message):
-    __slots__ = ("seq", "round", "token_ids", "q", "cache_hit", "draft_s")
+    __slots__ = ("seq", "round", "token_ids", "q", "cache_hit", "draft_s", "late")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     DRAFT_S_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
     seq: str
     round: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[SparseDist]
     cache_hit: bool
     draft_s: float
-    def __init__(self, seq: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., cache_hit: _Optional[bool] = ..., draft_s: _Optional[float] = ...) -> None: ...
+    late: bool
+    def __init__(self, seq: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., cache_hit: _Optional[bool] = ..., draft_s: _Optional[float] = ..., late: _Optional[bool] = ...) -> None: ...
 
 class SparseDist(_message.Message):
     __slots__ = ("ids", "probs")
@@ -128,17 +146,19 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model", "vocab_size", "version", "dtype", "quantization", "eos_ids")
+    __slots__ = ("model", "vocab_size", "version", "dtype", "quantization", "eos_ids", "protocol")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     EOS_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     version: str
     dtype: str
     quantization: str
     eos_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., version: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., eos_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    protocol: int
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., version: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., eos_ids: _Optional[_Iterable[int]] = ..., protocol: _Optional[int] = ...) -> None: ...
