@@ -8,8 +8,8 @@
 One `step()` is one round over every running row:
   1. schedule  -- apply aborts (their slots are freed), admit waiting requests into free slots,
                   pick the round's k (scheduler.py).
-  2. draft     -- ssd rows take their drafter's proposal (already asked for: the outcome went
-                  out at the end of the last round; a hit is waiting). sd rows with k_i > 0 draft
+  2. draft     -- ssd rows take their drafter's proposal (the answer to the outcome sent at the
+                  end of the last round; the Start's in a row's first round). sd rows with k_i > 0 draft
                   in batched steps through the draft's own SlotCache: the first step feeds each
                   row's uncached tokens (a new prompt, or the catch-up after k = 0 rounds), the
                   next ones feed d_j. Skipped entirely when every k_i is 0.
@@ -20,8 +20,8 @@ One `step()` is one round over every running row:
                   one `.tolist()`); each sequence commits (EOS / budget / stop cut), both caches
                   roll back by writing lengths.
   6. retire    -- finished rows free their slots; their last chunks go out with the others;
-                  ssd rows that go on send their outcome to their drafter (it does not wait for
-                  the answer: the next round's step 2 does).
+                  ssd rows that go on send their outcome to their drafter and wait for its
+                  answer (a speculation-cache hit answers at once; see `_tell`).
 
 Prefix reuse: a request with a `cache_key` (a chat session's id) leaves its slot *parked* when it
 finishes: the slot keeps the KV of its prompt + output in both caches. The next request with that
@@ -254,8 +254,8 @@ class Engine:
                 kd[b] = 0
                 continue
             k = s.spec.k if s.spec.k is not None else K  # the request's k: the row's plan, every round
-            try:
-                d, q = s.drafter.propose(s.ids, KPlan(kd[b], k, k))  # only the first call waits (the Start)
+            try:  # the Start's proposal, or the answer to the last round's outcome (already here)
+                d, q = s.drafter.propose(s.ids, KPlan(kd[b], k, k))
             except DraftUnavailable as e:
                 self._drop_drafter(s, e)
                 kd[b] = 0
@@ -267,7 +267,13 @@ class Engine:
 
     def _tell(self, s: Sequence, accepted: int, token: int, committed: int) -> None:
         """An ssd row's outcome to its drafter, with the plan of the next proposal (the row's k, cut
-        by the budget left); the drafter answers with that proposal."""
+        by the budget left); the drafter waits for that proposal (a hit answers at once).
+
+        Rows are told one after another, each waiting for its answer. Sending every row's outcome
+        first and reading the answers next round was tried: on the tiny pair at batch 3 it cut the
+        cache hit rate from 1.0 to 0.6-0.7 (the worker, one sequence at a time, had not speculated
+        for the later rows when their outcomes came); the draft worker's batch scheduler (issue
+        13, item 2) is what makes that pay."""
         k = s.spec.k if s.spec.k is not None else K
         t0 = time.perf_counter()
         try:
@@ -278,7 +284,7 @@ class Engine:
         wait, st, dr = time.perf_counter() - t0, s.stats, s.drafter
         st.draft_wait_s += wait
         if dr.last_hit:
-            st.hit_wait_s += wait
+            st.hit_wait_s += wait  # the answer latency of a hit
         else:
             st.miss_wait_s += wait
         st.cache_hits, st.cache_misses, st.late_hits = dr.hits, dr.misses, dr.late_hits
