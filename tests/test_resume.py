@@ -40,12 +40,13 @@ class Flaky:
     """A TargetCall like the Router's Serve handle, over in-process replicas that fail on cue.
 
     Call i goes to replicas[i % len] and fails after `fail_after[i]` chunks (0: before any; None or
-    past the list: never). `kill(name)` makes that replica's running streams fail at their next
+    past the list: never); `fail_after` may instead be a function of the call's GenParams. `kill(name)` makes that replica's running streams fail at their next
     chunk and its later calls fail at once, as a dead Serve replica's do.
     """
 
     def __init__(self, replicas, pool, fail_after=(), error=ConnectionError):
-        self.replicas, self.pool, self.fail_after, self.error = list(replicas), pool, list(fail_after), error
+        self.replicas, self.pool, self.error = list(replicas), pool, error
+        self.fail_after = fail_after if callable(fail_after) else list(fail_after)
         self.caches = {r.replica: {} for r in self.replicas}
         self.calls: list[tuple[str, GenParams]] = []
         self.dead: set[str] = set()
@@ -58,7 +59,10 @@ class Flaky:
         live = [r for r in self.replicas if r.replica not in self.dead] or self.replicas
         r = live[i % len(live)]
         self.calls.append((r.replica, p))
-        cut = self.fail_after[i] if i < len(self.fail_after) else None
+        if callable(self.fail_after):
+            cut = self.fail_after(p)
+        else:
+            cut = self.fail_after[i] if i < len(self.fail_after) else None
         session = self.caches[r.replica].setdefault(sid, SessionCache()) if sid else None
         n = 0
         if cut == 0 or r.replica in self.dead:
@@ -230,7 +234,7 @@ def _resumed_counts(law_pair, pool, batched: bool, mode: str, draws: int = 1500)
     engine = Engine(target, draft, max_num_seqs=8, max_model_len=64, max_queue_len=2 * draws, probe=False) \
         if batched else None
     w = TargetReplica(target, draft, replica="law", engine=engine)
-    flaky = Flaky([w], pool, fail_after=[1, None] * draws)
+    flaky = Flaky([w], pool, fail_after=lambda p: None if p.resume_ids else 1)  # every first attempt fails
     core = RouterCore(MemorySessionStore(), flaky, backoff_s=0.0)
 
     async def one(seed):
@@ -238,11 +242,11 @@ def _resumed_counts(law_pair, pool, batched: bool, mode: str, draws: int = 1500)
             prompt_ids=[1, 2, 3], max_tokens=2, sampling=pb.Sampling(temperature=1.0, seed=seed),
             speculation=pb.SpeculationParams(mode=MODES[mode], k=1 if mode == "sd" else None)))
 
-    async def sequential_pairs():  # call i fails, call i+1 resumes it: one request at a time keeps them paired
-        return [await one(seed) for seed in range(draws)]
+    async def many():
+        return await asyncio.gather(*(one(seed) for seed in range(draws)))
 
     try:
-        replies = run(sequential_pairs())
+        replies = run(many())
     finally:
         w.close()
     counts = torch.zeros(V * V)
