@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from specserve.serving.api import Limits
 
-__all__ = ["Replicas", "TargetConfig", "DraftConfig", "LimitsConfig", "AppConfig"]
+__all__ = ["Replicas", "TargetConfig", "DraftConfig", "LimitsConfig", "RetryConfig", "AppConfig"]
 
 
 class _Strict(BaseModel):
@@ -158,6 +158,22 @@ class LimitsConfig(_Strict):
     """Mode of requests that do not say (None: ssd with a draft deployment, else ar)."""
 
 
+class RetryConfig(_Strict):
+    """How the router survives a target replica that fails (dies, restarts, breaks its stream): before
+    the first chunk the request is sent again, after it the rest is resumed on another replica from
+    the tokens the client already has. Consecutive failures wait backoff_s, 2 x backoff_s, ... (at most
+    max_backoff_s) between attempts; after `attempts` of them the call ends UNAVAILABLE."""
+
+    attempts: int = Field(6, ge=0)
+    """Retries after consecutive failures of one request (a chunk from the new replica resets the count);
+    0 turns retrying and resuming off."""
+    backoff_s: float = Field(0.25, ge=0)
+    """Wait before the first retry; each next one waits twice as long."""
+    max_backoff_s: float = Field(4.0, ge=0)
+    """The longest wait between two attempts (the defaults keep retrying for about 12 s; raise it when a
+    single target replica must be restarted, model load included, before requests can go on)."""
+
+
 class AppConfig(_Strict):
     """A specserve application: target and draft deployments, the router, sessions and limits."""
 
@@ -178,6 +194,8 @@ class AppConfig(_Strict):
     the router's environment (a Kubernetes Secret). None: no token (fine on loopback; set one on a cluster)."""
     limits: LimitsConfig = LimitsConfig()
     """Per-request limits."""
+    retry: RetryConfig = RetryConfig()
+    """Retrying and resuming requests whose target replica failed."""
 
     @model_validator(mode="after")
     def _modes(self):

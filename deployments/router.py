@@ -50,7 +50,8 @@ class Router(OpenAIRoutes, HealthRoutes):
                              default_mode=cfg.default_mode)
         self.target = target
         self.store = open_store(cfg.resolved_redis_url(), cfg.session_ttl_s)
-        self.core = RouterCore(self.store, self._target, self.limits)
+        self.core = RouterCore(self.store, self._target, self.limits, retries=cfg.retry.attempts,
+                               backoff_s=cfg.retry.backoff_s, max_backoff_s=cfg.retry.max_backoff_s)
         self.metrics = Metrics(self.model_name)
         self.auth_token = cfg.resolved_auth_token()
 

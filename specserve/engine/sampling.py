@@ -15,6 +15,7 @@ This module knows nothing about models, caches or tokenizers: tensors in, tensor
 
 from __future__ import annotations
 
+import hashlib
 from itertools import accumulate
 
 import torch
@@ -22,7 +23,20 @@ import torch
 from .device import draw, to_device
 
 __all__ = ["SamplingParams", "warp", "sample", "rejection_sample", "warp_rows", "batched_rejection_sample",
-           "PLACEHOLDER"]
+           "PLACEHOLDER", "resume_seed"]
+
+
+def resume_seed(seed: int | None, position: int) -> int | None:
+    """The seed of a generation resumed after `position` committed output tokens (None: unseeded).
+
+    A continuation must not replay the draws its first attempt made from `seed` (they decided the
+    tokens it continues from, so reusing them would tie the continuation to them and break the
+    target's law); mixing in the position gives fresh draws, the same ones for the same resume point.
+    """
+    if seed is None or position == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits, as the API's seeds
 
 
 class SamplingParams:

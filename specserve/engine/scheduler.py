@@ -221,7 +221,7 @@ class Scheduler:
             self._abort.clear()
         budget = self.max_prefill_tokens
         while self.waiting and free_slots > 0 and len(self.running) < self.max_num_seqs:
-            n = self.waiting[0].prompt_len
+            n = len(self.waiting[0].ids)  # prefilled: the prompt and any resumed output
             if out.prefill and n > budget:
                 break  # the first admission always goes, even when alone over the budget
             s = self.waiting.popleft()

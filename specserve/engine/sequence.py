@@ -5,7 +5,9 @@ A `Sequence` holds the committed ids (prompt + output), its `SamplingParams` wit
 through a `TextStream`, its `Stats`, its finish reason, the cache slot it owns while it runs and
 its speculation state (mode, a fixed k or None, the smoothed acceptance the scheduler reads).
 `commit(accepted, token)` turns one round's outcome into a `Chunk`: cut at EOS, budget or stop
-string, the text delta, the counters.
+string, the text delta, the counters. A request with `resume_ids` continues a generation that
+another engine began: those output tokens are committed already (they count in the budget, the
+stop strings and `new_tokens`), and its draws come from `resume_seed(seed, len(resume_ids))`.
 
 This module does not know about models, caches, batches or tensors (the generator aside).
 """
@@ -19,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SamplingParams
 from .defaults import K
+from .sampling import SamplingParams, resume_seed
 from .speculative import Chunk, Drafter, Stats
 from .text import TextStream
 
@@ -59,6 +61,8 @@ class Request:
     request_id: str | None = None
     cache_key: str | None = None  # e.g. a chat session id: its KV stays in the slot for the next request
     drafter: Drafter | None = None  # mode ssd: proposes each round's drafts (blocking), told each outcome
+    resume_ids: list[int] = field(default_factory=list)  # output already committed (a resumed generation)
+    resume_text: str = ""  # the text already released for resume_ids
 
 
 class Sequence:
@@ -74,22 +78,28 @@ class Sequence:
         if len(prompt) >= max_model_len:
             raise ValueError(f"prompt is {len(prompt)} tokens but max_model_len is {max_model_len}: "
                              "shorten the prompt or raise max_model_len")
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        resume = [int(t) for t in req.resume_ids]
+        bad = [t for t in prompt + resume if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:5]}")
+        self.budget = min(req.max_new_tokens, max_model_len - len(prompt))
+        if len(resume) >= self.budget:
+            raise ValueError(f"resume_ids hold {len(resume)} tokens, the whole budget of {self.budget}: "
+                             "nothing is left to generate")
         self.id = req.request_id or f"req-{next(_ids)}"
         self.cache_key = req.cache_key
         self.drafter = req.drafter  # None again once it failed (the rest runs as ar, `stats.fallback` says why)
-        self.ids = prompt
+        self.ids = prompt + resume  # resumed output is committed already: prefilled with the prompt
         self.prompt_len = len(prompt)
         self.sp = req.sampling or SamplingParams()
         self.spec = req.spec
-        seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "little")
+        seed = resume_seed(req.seed, len(resume)) if req.seed is not None else int.from_bytes(os.urandom(6), "little")
         self.gen = torch.Generator(device=device).manual_seed(seed)
-        self.budget = min(req.max_new_tokens, max_model_len - len(prompt))
         self.text = TextStream(tokenizer, req.stop)
+        if resume:
+            self.text.resume(resume, req.resume_text)
         self.eos = eos_ids
-        self.stats = Stats(prompt_tokens=len(prompt))
+        self.stats = Stats(prompt_tokens=len(prompt), new_tokens=len(resume))
         self.finish_reason: str | None = None
         self.slot: int | None = None
         # speculation state the scheduler reads: geometric acceptance, smoothed (pseudo-counts)

@@ -28,7 +28,7 @@ import torch
 
 from . import defaults
 from .lm import LM, KVCache, check_pair
-from .sampling import SamplingParams, rejection_sample, sample, warp
+from .sampling import SamplingParams, rejection_sample, resume_seed, sample, warp
 from .text import TextStream
 
 __all__ = ["SpecConfig", "KPlan", "Stats", "Chunk", "generate", "draft_step", "Drafter", "LocalDrafter",
@@ -260,6 +260,8 @@ def generate(
     stop: list[str] | tuple[str, ...] = (),
     stats: Stats | None = None,
     target_cache: KVCache | None = None,
+    resume_ids: list[int] | tuple[int, ...] = (),
+    resume_text: str = "",
 ) -> Iterator[Chunk]:
     """Stream the target's continuation of `prompt_ids`, one Chunk per round.
 
@@ -268,7 +270,9 @@ def generate(
     (still exact) and `stats.fallback` says why. Pass `stats` to read the counters while or after
     streaming. `target_cache` (e.g. a chat session's) must hold a strict prefix of `prompt_ids`
     (the caller crops it); the loop prefills only the rest and leaves the cache holding a prefix of
-    prompt + output.
+    prompt + output. `resume_ids` continue a generation begun elsewhere: output tokens committed
+    already (with `resume_text`, the text released for them); they count in `max_new_tokens`, the
+    stop strings and `stats.new_tokens`, and the draws come from `resume_seed(seed, len(resume_ids))`.
     """
     sp = sampling or SamplingParams()
     spec = spec or SpecConfig()
@@ -281,7 +285,8 @@ def generate(
     if len(prompt_ids) >= target.max_len:
         raise ValueError(f"prompt is {len(prompt_ids)} tokens but the target's context window is "
                          f"{target.max_len}: shorten the prompt")
-    bad = [t for t in prompt_ids if not 0 <= t < target.vocab_size]
+    resume = [int(t) for t in resume_ids]
+    bad = [t for t in prompt_ids + resume if not 0 <= t < target.vocab_size]
     if bad:
         raise ValueError(f"prompt token ids must be in [0, {target.vocab_size}), got {bad[:5]}")
     if spec.mode != "ar" and draft is None:
@@ -289,21 +294,27 @@ def generate(
     if isinstance(draft, LM):
         check_pair(target, draft)
 
-    gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(6), "little"))
+    budget = min(max_new_tokens, target.max_len - len(prompt_ids))
+    if len(resume) >= budget:
+        raise ValueError(f"resume_ids hold {len(resume)} tokens, the whole budget of {budget}: nothing is left "
+                         "to generate")
+    seed = resume_seed(seed, len(resume)) if seed is not None else int.from_bytes(os.urandom(6), "little")
+    gen = torch.Generator().manual_seed(seed)
     drafter: Drafter | None = None
     if spec.mode != "ar":
         drafter = LocalDrafter(draft, sp, gen, spec.stop_prob) if isinstance(draft, LM) else draft
     text = TextStream(target.tokenizer, stop)
+    if resume:
+        text.resume(resume, resume_text)
     eos = target.eos_ids
-    budget = min(max_new_tokens, target.max_len - len(prompt_ids))
+    seq = prompt_ids + resume  # committed tokens; the caches hold a prefix of them
     tc = target_cache if target_cache is not None else target.new_cache()
-    if tc.length >= len(prompt_ids):
+    if tc.length >= len(seq):
         raise ValueError(f"target_cache holds {tc.length} tokens but must hold fewer than the prompt's "
-                         f"{len(prompt_ids)}: crop it to a strict prefix")
+                         f"{len(seq)}: crop it to a strict prefix")
     st.prefix_reused = tc.length
-    seq = list(prompt_ids)  # committed tokens; the caches hold a prefix of them
     k = (spec.k or spec.k_init) if drafter else 0  # the loop owns k: every proposal is asked for with its KPlan
-    st.prompt_tokens = len(prompt_ids)
+    st.prompt_tokens, st.new_tokens = len(prompt_ids), len(resume)
     t_start = time.perf_counter()
     try:
         while st.new_tokens < budget:

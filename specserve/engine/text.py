@@ -7,6 +7,10 @@ prefix of the generated ids whose text contains the stop string. That rule depen
 token sequence, never on how the tokens were chunked into rounds, so speculative and plain
 decoding stop at the same token.
 
+`resume(ids, text)` continues a stream another process started: it takes the output ids committed
+so far and the text already released for them, so a continuation's deltas join that text exactly
+and a stop string that straddles the boundary is still found.
+
 This module does not know about models or decoding loops; it knows a tokenizer's `decode`.
 """
 
@@ -28,6 +32,19 @@ class TextStream:
         self.ids: list[int] = []
         self.emitted = 0  # characters of text already returned
         self.stopped = False
+
+    def resume(self, ids: list[int], text: str) -> None:
+        """Continue from output `ids` of which `text` was already released (a resumed generation).
+
+        ValueError when `text` is not the start of the ids' decoding (another tokenizer decoded them).
+        """
+        if self.ids:
+            raise ValueError("resume() continues a fresh TextStream: this one has ids already")
+        decoded = self._decode(list(ids))
+        if not decoded.startswith(text):
+            raise ValueError(f"the resumed text is not the decoding of the resumed ids ({text[-20:]!r} vs "
+                             f"{decoded[len(text) - 20:len(text)]!r}): resume on a replica of the same model")
+        self.ids, self.emitted = list(ids), len(text)
 
     def _decode(self, ids: list[int]) -> str:
         if self.tok is None:

@@ -82,6 +82,11 @@ class GenParams:
     k: int | None = None
     fanout: list[int] = field(default_factory=list)
     speculate: bool = True
+    # A resumed generation (set by the router only, after a replica failed mid-stream): the output
+    # tokens the client already received and their text. The target continues from prompt + these;
+    # max_tokens still counts the whole generation.
+    resume_ids: list[int] = field(default_factory=list)
+    resume_text: str = ""
 
 
 # ---------------------------------------------------------------------------- requests
@@ -215,7 +220,8 @@ def check_session_token(key: bytes, session_id: str, token: str) -> None:
 
 _STAT_FIELDS = ("prompt_tokens", "new_tokens", "rounds", "draft_tokens", "accepted_tokens", "acceptance_rate",
                 "cache_hits", "cache_misses", "cache_hit_rate", "ttft_s", "tokens_per_s", "elapsed_s",
-                "prefix_reused", "finish_reason", "mode", "fallback", "replica", "drafts", "accepted_per_pos")
+                "prefix_reused", "finish_reason", "mode", "fallback", "replica", "drafts", "accepted_per_pos",
+                "resumed")
 
 
 def stats_message(stats: dict) -> pb.Stats:

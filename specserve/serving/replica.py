@@ -19,6 +19,10 @@ round ({token_ids, text, finish_reason}, the last with the stats). A request run
     4. generate  -- the engine's per-sequence loop; the last chunk carries the stats
     5. keep      -- the session cache is left holding prompt + output (for the next turn)
 
+A request with `resume_ids` (the router resuming a generation whose replica failed) continues
+from prompt + those committed output tokens either way: they are prefilled as context and count
+in the budget, the stop strings and the stats' `new_tokens`; the text goes on from `resume_text`.
+
 Per-sequence requests stream from their own threads with their own caches; every path shares the
 read-only models, and one DraftClient multiplexes the ssd sequences on one gRPC stream.
 This module does not know Ray, the public gRPC API or where sessions are stored.
@@ -37,7 +41,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from ..engine.engine import Engine
 from ..engine.lm import LM, KVCache
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import SamplingParams, resume_seed
 from ..engine.scheduler import QueueFull as EngineQueueFull
 from ..engine.sequence import Request, SpeculationParams
 from ..engine.speculative import SpecConfig, Stats, generate
@@ -198,11 +202,13 @@ class TargetReplica:
             if client is None:  # no draft reachable: run as ar, say why
                 mode, fallback = "ar", self.draft_error
             else:
-                drafter = make_drafter("ssd", ids, self.target.vocab_size, sp, SpecConfig(mode="ssd", k=p.k),
-                                       client=client, fanout=p.fanout or None, speculate=p.speculate, seed=p.seed,
-                                       max_new_tokens=p.max_tokens, timeout=self.draft_timeout)
+                drafter = make_drafter("ssd", ids + list(p.resume_ids), self.target.vocab_size, sp,  # resumed: context
+                                       SpecConfig(mode="ssd", k=p.k), client=client, fanout=p.fanout or None,
+                                       speculate=p.speculate, seed=resume_seed(p.seed, len(p.resume_ids)),
+                                       max_new_tokens=p.max_tokens - len(p.resume_ids), timeout=self.draft_timeout)
         req = Request(ids, p.max_tokens, sp, p.seed, p.stop, SpeculationParams(mode, p.k),
-                      cache_key=session.key if session is not None else None, drafter=drafter)
+                      cache_key=session.key if session is not None else None, drafter=drafter,
+                      resume_ids=list(p.resume_ids), resume_text=p.resume_text)
         last = None
         try:
             async for chunk, st in self.loop.stream(req):
@@ -232,15 +238,18 @@ class TargetReplica:
         if mode == "ssd" and client is None:  # no draft reachable: run as ar, say why
             mode, fallback = "ar", self.draft_error
         spec = SpecConfig(mode=mode, k=p.k)
-        draft = make_drafter(mode, ids, self.target.vocab_size, sp, spec, draft=self.local_draft,  # 3. drafter
-                             client=client, fanout=p.fanout or None, speculate=p.speculate, seed=p.seed,
-                             max_new_tokens=p.max_tokens, timeout=self.draft_timeout)
-        kv = session.prefix_for(self.target, ids) if session is not None else None  # 2. reuse
+        context = ids + list(p.resume_ids)  # a resumed generation: its committed output is context too
+        draft = make_drafter(mode, context, self.target.vocab_size, sp, spec, draft=self.local_draft,  # 3. drafter
+                             client=client, fanout=p.fanout or None, speculate=p.speculate,
+                             seed=resume_seed(p.seed, len(p.resume_ids)),
+                             max_new_tokens=p.max_tokens - len(p.resume_ids), timeout=self.draft_timeout)
+        kv = session.prefix_for(self.target, context) if session is not None else None  # 2. reuse
         out: list[int] = []
         with self._lock:
             self._streaming += 1
         try:
-            for chunk in generate(self.target, draft, ids, p.max_tokens, sp, spec, p.seed, p.stop, st, kv):  # 4.
+            for chunk in generate(self.target, draft, ids, p.max_tokens, sp, spec, p.seed, p.stop, st, kv,  # 4.
+                                  p.resume_ids, p.resume_text):
                 out += chunk.token_ids
                 yield self._message(chunk, self._stats(st, mode, fallback) if chunk.finish_reason else None)
         except ValueError as e:  # the engine's own checks (a bad token id, ...)
@@ -251,7 +260,7 @@ class TargetReplica:
             if st.fallback and client is not None:
                 self._drop_if_dead(client)
             if session is not None and kv is not None:  # 5. keep prompt + output for the next turn
-                full = ids + out
+                full = context + out
                 kv.crop(min(kv.length, len(full)))
                 session.ids = full[:kv.length]
 

@@ -15,13 +15,22 @@ A Chat turn, step by step:
   4. each round's committed tokens go to the store before the client sees them
   5. end the turn (complete, or cut short keeping exactly the committed tokens), remember the replica
 
+Every call that generates goes through `_stream`, which survives a target replica's failure
+(docs/architecture.md, "Failure handling"): before the first chunk the request is sent again;
+after it, the rest is *resumed* on another replica from the prompt + the token ids the client
+already has (`GenParams.resume_ids`, the text with them), so the stream goes on with no error, no
+repeated and no missing token. Consecutive failures are retried with exponential backoff, a few
+times, then the call ends UNAVAILABLE saying what was tried; a cancelled call is never resumed.
+
 This module does not know Ray, gRPC transport or models.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from typing import AsyncIterator, Callable
 
 from ..sessions import SessionBusy, SessionError, SessionNotFound, SessionStore, StoreUnavailable
@@ -54,19 +63,23 @@ def target_error(e: BaseException) -> ApiError:
         return QueueFull(err.message) if err.code == "RESOURCE_EXHAUSTED" else err
     if type(e).__name__ == "BackPressureError":  # Serve: the deployment's max_queued_requests is reached
         return QueueFull(f"the target's queue is full ({e}): retry later, or add target replicas")
+    if type(e).__name__ == "RequestCancelledError":  # Serve: the call was cancelled (the client went away)
+        return ApiError("CANCELLED", "the request was cancelled before the target finished it")
     log.warning("target failed: %s: %s", type(e).__name__, e)
     return ApiError("UNAVAILABLE", f"the target replica failed ({type(e).__name__}): retry the request; "
                                    "a chat session keeps every token committed before the failure")
 
 
 class RouterCore:
-    """retries: how often a request is sent again when its target replica fails before the first
-    chunk (the replica died or was restarting; Serve routes the retry to a live one)."""
+    """retries: how many consecutive failures of the target (its replica died, was restarting or
+    broke its stream) a request survives: each is followed by a wait (backoff_s, doubled every
+    time, at most max_backoff_s) and the request sent again, or resumed from its committed tokens
+    once chunks went out. A chunk from the new replica resets the count."""
 
     def __init__(self, store: SessionStore, target: TargetCall, limits: Limits | None = None,
-                 lease_s: float = 600.0, retries: int = 2):
+                 lease_s: float = 600.0, retries: int = 6, backoff_s: float = 0.25, max_backoff_s: float = 4.0):
         self.store, self.target, self.limits, self.lease_s = store, target, limits or Limits(), lease_s
-        self.retries = retries
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self._key: bytes | None = None
 
     async def _session_key(self) -> bytes:
@@ -80,20 +93,68 @@ class RouterCore:
         return session_id
 
     async def _stream(self, p: GenParams, sid: str) -> AsyncIterator[dict]:
-        """The target's chunks; a failure before the first chunk is retried, later ones are raised."""
-        for attempt in range(self.retries + 1):
-            started = False
+        """The target's chunks of one generation, across target failures (see the module docstring).
+
+        The client gets each chunk once: `sent` holds what it has, and a failed replica's rest is asked
+        of the next one as a continuation of exactly that. Only UNAVAILABLE failures are retried (and,
+        once resuming, a full queue); the target's refusals of the request itself are raised at once.
+        """
+        sent: list[int] = []
+        texts: list[str] = []
+        chunks = resumed = failures = 0
+        chunks_before = 0  # chunks sent before the current attempt began (its stats count only its rounds)
+        t0, t_first, tried = time.perf_counter(), 0.0, ""
+        while True:
+            q = p if not sent else dataclasses.replace(p, resume_ids=list(sent), resume_text="".join(texts))
+            finished = False
             try:
-                async for chunk in self.target(p, sid):
-                    started = True
+                async for chunk in self.target(q, sid):
+                    failures = 0
+                    sent += chunk["token_ids"]
+                    texts.append(chunk["text"])
+                    chunks += 1
+                    t_first = t_first or time.perf_counter()
+                    finished = bool(chunk.get("finish_reason"))
+                    if resumed and chunk.get("stats"):
+                        chunk = dict(chunk, stats=self._resumed_stats(chunk["stats"], resumed, chunks_before, t0,
+                                                                      t_first))
                     yield chunk
                 return
             except Exception as e:
+                if finished:  # the last chunk went out: the generation is whole, only its stream's end broke
+                    log.warning("target failed after the last chunk (ignored): %s: %s", type(e).__name__, e)
+                    return
                 err = target_error(e)
-                if err.code != "UNAVAILABLE" or started or attempt == self.retries:
+                if not (err.code == "UNAVAILABLE" or (sent and isinstance(err, QueueFull))):
                     raise err from None
-                log.warning("target failed before its first chunk (attempt %d), retrying: %s", attempt + 1, e)
-                await asyncio.sleep(0.5 * (attempt + 1))
+                failures += 1
+                tried = f"{type(e).__name__}: {str(e)[:200]}"
+                if failures > self.retries:
+                    raise self._gave_up(failures, len(sent), time.perf_counter() - t0, tried) from None
+                if sent and failures == 1:
+                    resumed += 1
+                chunks_before = chunks
+                delay = min(self.backoff_s * 2 ** (failures - 1), self.max_backoff_s)
+                log.warning("target failed %s (failure %d of at most %d), %s in %.2f s: %s",
+                            f"after {len(sent)} tokens" if sent else "before its first chunk", failures,
+                            self.retries, "resuming" if sent else "retrying", delay, tried)
+                await asyncio.sleep(delay)
+
+    def _gave_up(self, failures: int, sent: int, elapsed: float, last: str) -> ApiError:
+        what = (f"resumed the generation after the {sent} tokens already sent" if sent
+                else "sent the request again")
+        return ApiError("UNAVAILABLE", f"no target replica could finish the request: {failures} failures in a row "
+                                       f"over {elapsed:.1f} s (the router {what}, {self.retries} times, with backoff; "
+                                       f"last: {last}); retry the request later and check the target deployment "
+                                       "(`serve status`); a chat session keeps every token committed before the failure")
+
+    @staticmethod
+    def _resumed_stats(stats: dict, resumed: int, chunks_before: int, t0: float, t_first: float) -> dict:
+        """The last replica's stats, made the whole request's (each earlier chunk was one round)."""
+        elapsed = time.perf_counter() - t0
+        return dict(stats, resumed=resumed, rounds=stats.get("rounds", 0) + chunks_before,
+                    ttft_s=round(t_first - t0, 4), elapsed_s=round(elapsed, 4),
+                    tokens_per_s=round(stats.get("new_tokens", 0) / elapsed, 3) if elapsed > 0 else 0.0)
 
     # ------------------------------------------------------------------ stateless
 

@@ -1,8 +1,9 @@
 """`specserve loadtest`: C concurrent streaming clients for S seconds against a running server.
 
 Each client (its own gRPC channel, like separate users) loops over the prompts, streams a reply,
-and records latency, time to first chunk, tokens and the status of every request. Greedy replies
-are checked for exactness: every reply to the same prompt and mode must equal the first one.
+and records latency, time to first chunk, tokens, the status of every request and whether the
+server resumed it after a target replica failed (`stats.resumed`). Greedy replies are checked for
+exactness: every reply to the same prompt and mode must equal the first one.
 The run stops at the deadline or after `max_requests`; requests in flight then finish.
 
 This module knows the public API client and clocks; it does not know Ray or models.
@@ -31,6 +32,7 @@ class LoadResult:
     errors: Counter = field(default_factory=Counter)  # status code -> count
     error_examples: dict = field(default_factory=dict)  # status code -> one message
     mismatches: int = 0  # greedy replies that differ from the first reply to the same prompt
+    resumed: int = 0  # requests the server resumed on another target replica (stats.resumed > 0)
     latency_s: list[float] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
 
@@ -44,7 +46,7 @@ class LoadResult:
         return {
             "concurrency": self.concurrency, "duration_s": round(self.duration_s, 2),
             "requests": self.requests, "ok": self.ok, "errors": dict(self.errors),
-            "error_examples": self.error_examples, "mismatches": self.mismatches,
+            "error_examples": self.error_examples, "mismatches": self.mismatches, "resumed": self.resumed,
             "requests_per_s": round(self.requests / self.duration_s, 3) if self.duration_s else 0.0,
             "tokens_per_s": round(self.tokens / self.duration_s, 2) if self.duration_s else 0.0,
             "latency_s": {q: round(pct(self.latency_s, v), 4) for q, v in (("p50", .5), ("p90", .9), ("p99", .99))},
@@ -81,12 +83,13 @@ def run_load(address: str, prompts: list[str], concurrency: int = 8, duration_s:
             while (n := take()) is not None:
                 prompt = prompts[(n + cid) % len(prompts)]
                 t0 = time.perf_counter()
-                first, ids, code, msg = None, [], "OK", ""
+                first, ids, code, msg, resumed = None, [], "OK", "", 0
                 try:
                     for chunk in c.stream(prompt, max_tokens=max_tokens, mode=mode, temperature=temperature):
                         if first is None:
                             first = time.perf_counter() - t0
                         ids += chunk.token_ids
+                        resumed = chunk.stats.resumed if chunk.HasField("stats") else resumed
                 except ClientError as e:
                     code, msg = e.code, e.details
                 lat = time.perf_counter() - t0
@@ -97,6 +100,7 @@ def run_load(address: str, prompts: list[str], concurrency: int = 8, duration_s:
                         res.error_examples.setdefault(code, msg[:300])
                         continue
                     res.ok += 1
+                    res.resumed += resumed > 0
                     res.tokens += len(ids)
                     res.latency_s.append(lat)
                     res.ttft_s.append(first if first is not None else lat)
@@ -120,7 +124,8 @@ def format_load(s: dict) -> str:
         f"{s['requests_per_s']} req/s, {s['tokens_per_s']} tokens/s",
         f"latency p50 {s['latency_s']['p50']} s, p90 {s['latency_s']['p90']} s, p99 {s['latency_s']['p99']} s; "
         f"time to first chunk p50 {s['ttft_s']['p50']} s, p99 {s['ttft_s']['p99']} s",
-        f"ok {s['ok']}, errors {s['errors'] or 0}, greedy mismatches {s['mismatches']}",
+        f"ok {s['ok']} ({s['resumed']} resumed after a target replica failed), errors {s['errors'] or 0}, "
+        f"greedy mismatches {s['mismatches']}",
     ]
     for code, msg in s["error_examples"].items():
         lines.append(f"  {code}: {msg}")

@@ -81,7 +81,7 @@ class ChatRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., message: _Optional[str] = ..., system: _Optional[str] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., speculation: _Optional[_Union[SpeculationParams, _Mapping]] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("prompt_tokens", "new_tokens", "rounds", "draft_tokens", "accepted_tokens", "acceptance_rate", "cache_hits", "cache_misses", "cache_hit_rate", "ttft_s", "tokens_per_s", "elapsed_s", "prefix_reused", "finish_reason", "mode", "fallback", "replica", "drafts", "accepted_per_pos")
+    __slots__ = ("prompt_tokens", "new_tokens", "rounds", "draft_tokens", "accepted_tokens", "acceptance_rate", "cache_hits", "cache_misses", "cache_hit_rate", "ttft_s", "tokens_per_s", "elapsed_s", "prefix_reused", "finish_reason", "mode", "fallback", "replica", "drafts", "accepted_per_pos", "resumed")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class Stats(_message.Message):
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_PER_POS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     new_tokens: int
     rounds: int
@@ -120,7 +121,8 @@ class Stats(_message.Message):
     replica: str
     drafts: int
     accepted_per_pos: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_hit_rate: _Optional[float] = ..., ttft_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., prefix_reused: _Optional[int] = ..., finish_reason: _Optional[str] = ..., mode: _Optional[str] = ..., fallback: _Optional[str] = ..., replica: _Optional[str] = ..., drafts: _Optional[int] = ..., accepted_per_pos: _Optional[_Iterable[int]] = ...) -> None: ...
+    resumed: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_hit_rate: _Optional[float] = ..., ttft_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., prefix_reused: _Optional[int] = ..., finish_reason: _Optional[str] = ..., mode: _Optional[str] = ..., fallback: _Optional[str] = ..., replica: _Optional[str] = ..., drafts: _Optional[int] = ..., accepted_per_pos: _Optional[_Iterable[int]] = ..., resumed: _Optional[int] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
     __slots__ = ("text", "token_ids", "stats")
