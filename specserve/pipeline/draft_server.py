@@ -20,6 +20,7 @@ Three layers, each thin over the one below (grpc's route_guide style):
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import signal
@@ -69,7 +70,7 @@ def info_reply(lm: LM) -> pb.InfoReply:
 
 
 ANSWERS = ("hit", "late", "miss")  # how an outcome was answered: a finished branch, a branch in progress, JIT
-COUNTERS = ("started", "errors", "hits", "late_hits", "misses", "spec_steps",
+COUNTERS = ("started", "errors", "hits", "late_hits", "misses", "spec_steps", "speculations", "branches",
             *(f"{kind}_answers" for kind in ANSWERS), *(f"{kind}_answer_s" for kind in ANSWERS))  # summed over streams
 
 
@@ -83,7 +84,7 @@ class DraftService:
         self.started = 0
         self.errors = 0
         self.spec_steps = 0
-        self._closed = {"hits": 0, "late_hits": 0, "misses": 0}
+        self._closed = {"hits": 0, "late_hits": 0, "misses": 0, "speculations": 0, "branches": 0}
         self.answers = dict.fromkeys(ANSWERS, 0)  # outcomes answered through serve_stream, by kind
         self.answer_s = dict.fromkeys(ANSWERS, 0.0)  # ... and their seconds from arrival to reply
 
@@ -161,7 +162,7 @@ class DraftService:
 
     def stats(self) -> dict:
         out = {"open": len(self.sessions), "started": self.started, "errors": self.errors,
-               "hits": self.hits, "late_hits": self.late_hits, "misses": self.misses, "spec_steps": self.spec_steps}
+               "spec_steps": self.spec_steps, **{name: self._count(name) for name in self._closed}}
         for kind in ANSWERS:
             out[f"{kind}_answers"], out[f"{kind}_answer_s"] = self.answers[kind], self.answer_s[kind]
         return out
@@ -307,6 +308,7 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
         self.streams = 0  # Stream calls so far
         self._live: set[DraftService] = set()
         self._done = dict.fromkeys(COUNTERS, 0)
+        self._fit: dict | None = None
         self._lock = threading.Lock()
 
     def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
@@ -345,6 +347,7 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
                 stats = service.stats()
                 for key in self._done:
                     self._done[key] += stats[key]
+                self._fit = service.acceptance.stats()
 
     def stats(self) -> dict:
         """Counters over all streams: open streams and sequences, Starts, Errors, cache hits (finished and
@@ -358,6 +361,8 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
         for kind in ANSWERS:
             n = out[f"{kind}_answers"]
             out[f"{kind}_answer_ms"] = round(1000 * out[f"{kind}_answer_s"] / n, 3) if n else None
+        out["branches_per_speculation"] = round(out["branches"] / out["speculations"], 2) if out["speculations"] else None
+        out["fit"] = self._fit  # the fan-out's acceptance model, of the stream that ended last
         return out
 
 
@@ -412,4 +417,5 @@ def run_draft_worker(model: str, port: int = 0, threads: int | None = None, dtyp
             pass
     finally:
         server.stop(grace=1.0).wait()
+        print(f"draft worker stats: {json.dumps(server.servicer.stats())}", file=sys.stderr, flush=True)
     return 0
