@@ -88,7 +88,7 @@ def test_ssd_sampling_matches_the_target_law():
         with DraftClient(server.address, timeout=20) as client:
             counts = torch.zeros(V * V)
             for seed in range(800):
-                out, _ = ssd(target, client, [1, 2, 3], n=4, k=2, sp=sp, seed=seed, loop_k=None)
+                out, _ = ssd(target, client, [1, 2, 3], n=3, k=2, sp=sp, seed=seed, loop_k=None)
                 counts[out[0] * V + out[1]] += 1
     finally:
         server.stop(grace=None)

@@ -6,7 +6,7 @@ import json
 import sys
 
 from .common import (UsageError, add_model_flags, add_sampling_flags, add_ssd_flags, check_k, draft_client,
-                     load_pair, parse_fanout, read_prompt, sampling, start_local_draft_worker)
+                     load_pair, parse_fanout, read_prompt, sampling, draft_worker_or_address)
 
 
 def register(sub) -> None:
@@ -40,10 +40,7 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     sp = sampling(args)
     prompt = read_prompt(args.prompt)
-    worker, threads, address = None, args.threads, args.draft_address
-    if mode == "ssd" and not address:
-        worker, threads = start_local_draft_worker(args)
-        address = worker.address
+    worker, threads, address = draft_worker_or_address(args, mode == "ssd")
     try:
         return _generate(args, mode, sp, prompt, fanout, threads, address)
     finally:
