@@ -57,6 +57,8 @@ def test_generate_streams_text_and_reads_stdin(tiny_dir, capsys, monkeypatch):
     (["--prompt", "  "], "--prompt: the prompt is empty"),
     (["--mode", "sd", "--draft", ""], "--draft: mode sd needs a draft model"),
     (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+    (["--mode", "ssd", "--draft-address", "127.0.0.1:1", "--fanout-budget", "4"], "--fanout-budget is the local worker's"),
+    (["--mode", "ssd", "--draft", "x", "--fanout-budget", "-1"], "--fanout-budget must be >= 0"),
 ])
 def test_bad_flags_name_the_flag(tiny_dir, capsys, args, message):
     rc, _, err = gen(capsys, "--target", str(tiny_dir / "target"), "--prompt", "hi", *args)

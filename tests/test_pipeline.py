@@ -32,8 +32,9 @@ def _start(seq, prompt=PROMPT, **params):
     return pb.TargetMessage(start=pb.Start(seq=seq, prompt_ids=prompt, params=spec_params(**params)))
 
 
-def _outcome(seq, round, accepted, token):
-    return pb.TargetMessage(outcome=pb.Outcome(seq=seq, round=round, accepted=accepted, token=token))
+def _outcome(seq, round, accepted, token, plan=None, speculate=None):
+    return pb.TargetMessage(outcome=pb.Outcome(seq=seq, round=round, accepted=accepted, token=token, plan=plan,
+                                               speculate=speculate))
 
 
 def _stop(seq):
@@ -71,6 +72,22 @@ def test_service_start_outcome_and_cache_hit(tiny):
     assert svc.stats()["hits"] == 1  # counters survive the session
 
 
+def test_the_target_sets_k_and_speculation_per_round(tiny):
+    draft = tiny["draft-random"]
+    svc = DraftService(draft)
+    plan = pb.KPlan(k=2, if_accepted=3, if_rejected=1)
+    p0 = _one(svc.handle(pb.TargetMessage(start=pb.Start(seq="a", prompt_ids=PROMPT, params=spec_params(k=4),
+                                                         plan=plan))), "proposal")
+    assert len(p0.token_ids) == 2  # the plan's k, not params.k
+    p1 = _one(svc.handle(_outcome("a", 0, 0, 1, pb.KPlan(k=5, if_accepted=1, if_rejected=1), speculate=False)),
+              "proposal")
+    assert len(p1.token_ids) == 5
+    assert svc.speculate_step("a") == ([], False)  # the target turned speculation off for this round
+    assert svc.sessions["a"].table == {}
+    p2 = _one(svc.handle(_outcome("a", 1, 0, 1, speculate=True)), "proposal")  # no plan: params.k
+    assert len(p2.token_ids) == 4 and svc.speculate("a") == [] and svc.sessions["a"].table
+
+
 def test_service_errors_are_per_sequence(tiny):
     svc = DraftService(tiny["draft-random"])
     p0 = _one(svc.handle(_start("a")), "proposal")
@@ -80,6 +97,7 @@ def test_service_errors_are_per_sequence(tiny):
         (_outcome("nope", 0, 0, 1), "nope", E.UNKNOWN_SEQUENCE),
         (_outcome("a", 0, k + 1, 1), "a", E.INVALID_ARGUMENT),  # more accepted than drafted
         (_outcome("a", 0, 0, 10 ** 6), "a", E.INVALID_ARGUMENT),  # token outside the vocabulary
+        (_outcome("a", 0, 0, 1, pb.KPlan(k=65, if_accepted=4, if_rejected=4)), "a", E.INVALID_ARGUMENT),
         (_start("a"), "a", E.INVALID_ARGUMENT),  # already open
         (_start("b", top_p=2.0), "b", E.INVALID_ARGUMENT),
         (_start("b", k=0), "b", E.INVALID_ARGUMENT),
@@ -92,6 +110,7 @@ def test_service_errors_are_per_sequence(tiny):
         err = _one(svc.handle(msg), "error")
         assert (err.seq, E.Code.Name(err.code)) == (seq, E.Code.Name(code)), (msg, err)
         assert err.message
+    assert "Outcome.plan.k is 65: ask for at most 64" in _one(svc.handle(cases[4][0]), "error").message
     assert list(svc.sessions) == ["a"]  # failed Starts opened nothing
     # the sequence survived every error
     p1 = _one(svc.handle(_outcome("a", 0, 0, 1)), "proposal")

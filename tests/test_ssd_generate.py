@@ -87,7 +87,7 @@ def test_ssd_sampling_matches_the_target_law():
     with law_pair(2) as (target, _, client):
         counts = torch.zeros(V * V)
         for seed in range(800):
-            out, _ = ssd(target, client, [1, 2, 3], n=4, k=2, sp=sp, seed=seed, loop_k=None)
+            out, _ = ssd(target, client, [1, 2, 3], n=3, k=2, sp=sp, seed=seed, loop_k=None)
             counts[out[0] * V + out[1]] += 1
     assert chi2_pvalue(counts, exact_two_token_law(target.model, [1, 2, 3], sp)) > 1e-3
 

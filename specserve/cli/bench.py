@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from .common import (UsageError, add_model_flags, add_sampling_flags, add_ssd_flags, check_k, draft_client,
-                     load_pair, parse_fanout, sampling, split_modes, start_local_draft_worker, write_json)
+                     load_pair, parse_fanout, sampling, split_modes, draft_worker_or_address, write_json)
 
 
 def register(sub) -> None:
@@ -58,10 +58,7 @@ def cmd_bench(args) -> int:
         return _bench_levels(args, sp, prompts, modes)
     fanout = parse_fanout(args.fanout)
     ssd = any(m.startswith("ssd") for m in modes)
-    worker, threads, address = None, args.threads, args.draft_address
-    if ssd and not address:
-        worker, threads = start_local_draft_worker(args)
-        address = worker.address
+    worker, threads, address = draft_worker_or_address(args, ssd)
     client = None
     try:
         target, draft = load_pair(args, args.draft, threads)
@@ -107,10 +104,9 @@ def _bench_levels(args, sp, prompts, modes) -> int:
 
     levels = _levels(args.concurrency)
     ssd = "ssd" in modes
-    worker, threads, address, client = None, args.threads, args.draft_address, None
-    if ssd and not address:  # every mode of the run then gets the target's core(s) only: a fair split
-        worker, threads = start_local_draft_worker(args)
-        address = worker.address
+    # with a local worker every mode of the run gets the target's core(s) only: a fair split
+    worker, threads, address = draft_worker_or_address(args, ssd)
+    client = None
     try:
         target, draft = load_pair(args, args.draft, threads)
         encoded = [(p, target.encode(p.text, p.chat)) for p in prompts]

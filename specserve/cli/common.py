@@ -9,9 +9,9 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["UsageError", "add_sampling_flags", "add_model_flags", "add_ssd_flags", "add_client_flags",
-           "sampling", "read_prompt", "load_pair", "parse_fanout", "check_k", "split_modes",
-           "start_local_draft_worker", "draft_client", "write_json"]
+__all__ = ["UsageError", "add_sampling_flags", "add_model_flags", "add_ssd_flags", "add_fanout_budget_flag",
+           "add_client_flags", "sampling", "read_prompt", "load_pair", "parse_fanout", "check_k", "split_modes",
+           "draft_worker_or_address", "start_local_draft_worker", "draft_client", "write_json"]
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 QUANTIZE_CHOICES = ["int8", "none"]
@@ -56,6 +56,14 @@ def add_ssd_flags(p: argparse.ArgumentParser) -> None:
                    help="ssd: remote draft without pre-drafting (measures the speculation cache alone)")
     p.add_argument("--draft-timeout", type=float, default=30.0,
                    help="ssd: seconds to wait for a proposal before finishing without the draft (default 30)")
+    add_fanout_budget_flag(p, "ssd, the local worker: ")
+
+
+def add_fanout_budget_flag(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    from ..engine.defaults import FANOUT_BUDGET
+
+    p.add_argument("--fanout-budget", type=int, default=None,
+                   help=f"{prefix}the most branches a round's speculation drafts (default {FANOUT_BUDGET}; 0 = none)")
 
 
 def add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -129,6 +137,18 @@ def load_pair(args, draft: str | None, threads: int | None, quiet: bool = False)
     return target, draft_lm
 
 
+def draft_worker_or_address(args, ssd: bool):
+    """(worker, threads, address) for a command that may run ssd: with --draft-address no worker and
+    --threads; else, for ssd, a local worker (close it when done) and the target's threads."""
+    if not ssd or args.draft_address:
+        if ssd and args.fanout_budget is not None:
+            raise UsageError("--fanout-budget is the local worker's: with --draft-address, start that worker "
+                             "with `specserve draft-worker --fanout-budget N`, or drop the flag")
+        return None, args.threads, args.draft_address
+    worker, threads = start_local_draft_worker(args)
+    return worker, threads, worker.address
+
+
 def start_local_draft_worker(args):
     """A draft worker child process on its own core; this process keeps (and is pinned to) the others.
 
@@ -137,12 +157,14 @@ def start_local_draft_worker(args):
     """
     from ..pipeline.local_draft_worker import LocalDraftWorker, split_cores
 
+    if args.fanout_budget is not None and args.fanout_budget < 0:
+        raise UsageError(f"--fanout-budget must be >= 0 (0 = no speculation branches), got {args.fanout_budget}")
     target_cores, draft_cores = split_cores()
     os.sched_setaffinity(0, target_cores)
     print(f"starting a draft worker on core(s) {sorted(draft_cores)}, target on {sorted(target_cores)}",
           file=sys.stderr)
     worker = LocalDraftWorker(args.draft, threads=1, cores=draft_cores, dtype=args.draft_dtype,
-                              quantize=args.draft_quantize)
+                              quantize=args.draft_quantize, fanout_budget=args.fanout_budget)
     return worker, args.threads or len(target_cores)
 
 

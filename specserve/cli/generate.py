@@ -6,7 +6,7 @@ import json
 import sys
 
 from .common import (UsageError, add_model_flags, add_sampling_flags, add_ssd_flags, check_k, draft_client,
-                     load_pair, parse_fanout, read_prompt, sampling, start_local_draft_worker)
+                     load_pair, parse_fanout, read_prompt, sampling, draft_worker_or_address)
 
 
 def register(sub) -> None:
@@ -18,8 +18,9 @@ def register(sub) -> None:
                    help="ar = target alone; sd = speculative, draft in this process; ssd = draft in its own "
                         "process over gRPC, pre-drafting likely outcomes (default: sd when --draft is given, else ar)")
     g.add_argument("--k", type=int, default=None,
-                   help="draft length: the most tokens a round drafts (default: adaptive for sd, 4 for ssd); "
-                        "a round may draft fewer when the draft doubts its guess")
+                   help="draft length: the most tokens a round drafts (default: adaptive within 1-10, chosen by "
+                        "the target's loop every round, for ssd too); a round may draft fewer when the draft "
+                        "doubts its guess")
     add_ssd_flags(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -39,10 +40,7 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     sp = sampling(args)
     prompt = read_prompt(args.prompt)
-    worker, threads, address = None, args.threads, args.draft_address
-    if mode == "ssd" and not address:
-        worker, threads = start_local_draft_worker(args)
-        address = worker.address
+    worker, threads, address = draft_worker_or_address(args, mode == "ssd")
     try:
         return _generate(args, mode, sp, prompt, fanout, threads, address)
     finally:
@@ -82,7 +80,8 @@ def _generate(args, mode, sp, prompt, fanout, threads, address) -> int:
                           "target": target.describe(), "draft": draft_info, "stats": st.to_dict()}))
     else:
         sys.stdout.write("\n")
-        extra = f", cache hits {st.cache_hit_rate:.2f}" if mode == "ssd" else ""
+        extra = (f", cache hits {st.cache_hit_rate:.2f} ({st.late_hits} late), hit answer "
+                 f"{1000 * st.hit_wait_s / max(1, st.cache_hits):.1f} ms" if mode == "ssd" else "")
         extra += f", fallback: {st.fallback}" if st.fallback else ""
         print(f"[{mode}] {st.new_tokens} tokens in {st.elapsed_s:.2f}s ({st.tokens_per_s:.1f} tok/s), "
               f"{st.rounds} rounds, acceptance {st.acceptance_rate:.2f}{extra}", file=sys.stderr)

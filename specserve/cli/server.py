@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .common import DTYPE_CHOICES, QUANTIZE_CHOICES, UsageError
+from .common import DTYPE_CHOICES, QUANTIZE_CHOICES, UsageError, add_fanout_budget_flag
 
 
 def register(sub) -> None:
@@ -28,6 +28,7 @@ def register(sub) -> None:
     w.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     w.add_argument("--quantize", default="int8", choices=QUANTIZE_CHOICES,
                    help="dynamic int8 quantization (default int8: a draft's dtype never changes the output)")
+    add_fanout_budget_flag(w)
     w.set_defaults(func=cmd_draft_worker)
 
 
@@ -72,11 +73,15 @@ def cmd_serve(args) -> int:
 
 
 def cmd_draft_worker(args) -> int:
+    from ..engine.defaults import FANOUT_BUDGET
     from ..pipeline.draft_server import run_draft_worker
 
+    budget = FANOUT_BUDGET if args.fanout_budget is None else args.fanout_budget
+    if budget < 0:
+        raise UsageError(f"--fanout-budget must be >= 0 (0 = no speculation branches), got {budget}")
     try:
         return run_draft_worker(args.model, port=args.port, threads=args.threads, dtype=args.dtype,
-                                quantize=args.quantize, host=args.host)
+                                quantize=args.quantize, host=args.host, fanout_budget=budget)
     except (FileNotFoundError, OSError, ValueError) as e:
         bind = isinstance(e, OSError) and "bind" in str(e)
         raise UsageError(f"--port: {e}" if bind else f"--model: {e}") from None

@@ -346,6 +346,7 @@ class DraftSession:
         self.spec_round = -1  # round whose outcomes `table` covers
         self._branches: _Branches | None = None  # speculation in progress (branches being drafted)
         self.hits = self.late_hits = self.misses = 0
+        self.speculations = self.branches = 0  # rounds speculated for, and the branches they drafted
         self.draft_s = self.spec_s = 0.0
 
     # ---- public protocol ------------------------------------------------------------------
@@ -481,6 +482,8 @@ class DraftSession:
             self.rows = self.rows + list(self._sync(self.seq + d, need))
         step_probs = torch.stack([self._rank(r) for r in self.rows[: len(d) + 1]])  # [k+1, V]
         keys = predict_outcomes(step_probs, d, self._fanout(len(d)))  # 2. predict
+        self.speculations += 1
+        self.branches += len(keys)
         if not keys:
             self.table, self.spec_round = {}, self.round + 1
             return False

@@ -20,6 +20,7 @@ Three layers, each thin over the one below (grpc's route_guide style):
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import signal
@@ -31,6 +32,7 @@ from typing import Iterable, Iterator
 
 import grpc
 
+from ..engine.defaults import FANOUT_BUDGET
 from ..engine.lm import LM, load_model, set_threads
 from ..engine.ssd import AcceptanceModel, DraftSession, StaleRound
 from ..v1 import speculation_pb2_grpc as pb_grpc
@@ -69,21 +71,21 @@ def info_reply(lm: LM) -> pb.InfoReply:
 
 
 ANSWERS = ("hit", "late", "miss")  # how an outcome was answered: a finished branch, a branch in progress, JIT
-COUNTERS = ("started", "errors", "hits", "late_hits", "misses", "spec_steps",
+COUNTERS = ("started", "errors", "hits", "late_hits", "misses", "spec_steps", "speculations", "branches",
             *(f"{kind}_answers" for kind in ANSWERS), *(f"{kind}_answer_s" for kind in ANSWERS))  # summed over streams
 
 
 class DraftService:
     """The open sequences of one speculation stream, driven one message at a time."""
 
-    def __init__(self, lm: LM):
-        self.lm = lm
+    def __init__(self, lm: LM, fanout_budget: int = FANOUT_BUDGET):
+        self.lm, self.fanout_budget = lm, fanout_budget  # the most branches a round's speculation drafts
         self.sessions: dict[str, DraftSession] = {}
         self.acceptance = AcceptanceModel()  # one target/draft pair per stream: its sequences share the fit
         self.started = 0
         self.errors = 0
         self.spec_steps = 0
-        self._closed = {"hits": 0, "late_hits": 0, "misses": 0}
+        self._closed = {"hits": 0, "late_hits": 0, "misses": 0, "speculations": 0, "branches": 0}
         self.answers = dict.fromkeys(ANSWERS, 0)  # outcomes answered through serve_stream, by kind
         self.answer_s = dict.fromkeys(ANSWERS, 0.0)  # ... and their seconds from arrival to reply
 
@@ -161,7 +163,7 @@ class DraftService:
 
     def stats(self) -> dict:
         out = {"open": len(self.sessions), "started": self.started, "errors": self.errors,
-               "hits": self.hits, "late_hits": self.late_hits, "misses": self.misses, "spec_steps": self.spec_steps}
+               "spec_steps": self.spec_steps, **{name: self._count(name) for name in self._closed}}
         for kind in ANSWERS:
             out[f"{kind}_answers"], out[f"{kind}_answer_s"] = self.answers[kind], self.answer_s[kind]
         return out
@@ -182,7 +184,8 @@ class DraftService:
         t0 = time.perf_counter()
         try:
             plan = plan_from(m)
-            session = DraftSession(self.lm, prompt, acceptance=self.acceptance, **kwargs)  # validates prompt, k, ...
+            session = DraftSession(self.lm, prompt, acceptance=self.acceptance, fanout_budget=self.fanout_budget,
+                                   **kwargs)  # validates prompt, k, ...
         except ValueError as exc:
             return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
         self.sessions[m.seq] = session
@@ -302,18 +305,21 @@ _DONE = object()
 class SpeculationServicer(pb_grpc.SpeculationServicer):
     """gRPC glue: one `DraftService` and one `serve_stream` loop (its own thread) per Stream call."""
 
-    def __init__(self, lm: LM):
-        self.lm = lm
+    def __init__(self, lm: LM, fanout_budget: int = FANOUT_BUDGET):
+        if fanout_budget < 0:
+            raise ValueError(f"fanout_budget must be >= 0 (0 = no branches), got {fanout_budget}")
+        self.lm, self.fanout_budget = lm, fanout_budget
         self.streams = 0  # Stream calls so far
         self._live: set[DraftService] = set()
         self._done = dict.fromkeys(COUNTERS, 0)
+        self._fit: dict | None = None
         self._lock = threading.Lock()
 
     def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         return info_reply(self.lm)
 
     def Stream(self, request_iterator, context) -> Iterator[pb.DraftMessage]:
-        service = DraftService(self.lm)
+        service = DraftService(self.lm, self.fanout_budget)
         with self._lock:
             self.streams += 1
             self._live.add(service)
@@ -345,6 +351,7 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
                 stats = service.stats()
                 for key in self._done:
                     self._done[key] += stats[key]
+                self._fit = service.acceptance.stats()
 
     def stats(self) -> dict:
         """Counters over all streams: open streams and sequences, Starts, Errors, cache hits (finished and
@@ -358,17 +365,19 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
         for kind in ANSWERS:
             n = out[f"{kind}_answers"]
             out[f"{kind}_answer_ms"] = round(1000 * out[f"{kind}_answer_s"] / n, 3) if n else None
+        out["branches_per_speculation"] = round(out["branches"] / out["speculations"], 2) if out["speculations"] else None
+        out["fit"] = self._fit  # the fan-out's acceptance model, of the stream that ended last
         return out
 
 
 # ---------------------------------------------------------------------- serving
 
 def serve(lm: LM, port: int = 0, threads: int | None = None, host: str = "127.0.0.1",
-          max_streams: int = 16) -> grpc.Server:
+          max_streams: int = 16, fanout_budget: int = FANOUT_BUDGET) -> grpc.Server:
     """Start the speculation gRPC server for `lm` on host:port (0 = a free port).
 
     threads: torch intra-op threads of this process (None = leave as is). Each open stream holds
-    one of `max_streams` server threads. The started server gets two attributes: `address`
+    one of `max_streams` server threads. fanout_budget: the most speculation branches a round drafts. The started server gets two attributes: `address`
     ("host:port", the port actually bound) and `servicer` (its `stats()` counts streams,
     sequences and speculation cache hits).
     """
@@ -376,7 +385,7 @@ def serve(lm: LM, port: int = 0, threads: int | None = None, host: str = "127.0.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams + 2,
                                                     thread_name_prefix="speculation"),
                          options=SERVER_OPTIONS)
-    servicer = SpeculationServicer(lm)
+    servicer = SpeculationServicer(lm, fanout_budget)
     pb_grpc.add_SpeculationServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -388,13 +397,14 @@ def serve(lm: LM, port: int = 0, threads: int | None = None, host: str = "127.0.
 
 
 def run_draft_worker(model: str, port: int = 0, threads: int | None = None, dtype: str = "float32",
-                     quantize: str | None = None, host: str = "127.0.0.1", max_streams: int = 16) -> int:
+                     quantize: str | None = None, host: str = "127.0.0.1", max_streams: int = 16,
+                     fanout_budget: int = FANOUT_BUDGET) -> int:
     """`specserve draft-worker`: load the draft, serve it, print `LISTENING host:port`, block.
 
     Runs until SIGINT/SIGTERM (or the server stops); returns the exit code 0.
     """
     lm = load_model(model, dtype=dtype, threads=threads, quantize=quantize, tokenizer=False)
-    server = serve(lm, port=port, threads=threads, host=host, max_streams=max_streams)
+    server = serve(lm, port=port, threads=threads, host=host, max_streams=max_streams, fanout_budget=fanout_budget)
     print(f"draft {lm.name}: vocab {lm.vocab_size}, {lm.dtype}"
           f"{', ' + lm.quantization if lm.quantization else ''}, loaded in {lm.load_s:.1f} s",
           file=sys.stderr, flush=True)
@@ -412,4 +422,5 @@ def run_draft_worker(model: str, port: int = 0, threads: int | None = None, dtyp
             pass
     finally:
         server.stop(grace=1.0).wait()
+        print(f"draft worker stats: {json.dumps(server.servicer.stats())}", file=sys.stderr, flush=True)
     return 0

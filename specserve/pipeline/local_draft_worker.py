@@ -28,9 +28,11 @@ class LocalDraftWorker:
     """`specserve draft-worker` as a subprocess; `.address` once it listens; `.close()` stops it."""
 
     def __init__(self, model: str, threads: int = 1, cores: set[int] | None = None, dtype: str = "float32",
-                 quantize: str | None = "int8", timeout: float = 300.0):
+                 quantize: str | None = "int8", timeout: float = 300.0, fanout_budget: int | None = None):
         cmd = [sys.executable, "-m", "specserve", "draft-worker", "--model", model, "--port", "0",
                "--threads", str(threads), "--dtype", dtype, "--quantize", quantize or "none"]
+        if fanout_budget is not None:
+            cmd += ["--fanout-budget", str(fanout_budget)]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, text=True, bufsize=1,
             preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)

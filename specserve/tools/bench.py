@@ -65,6 +65,9 @@ class Record:
     hit_per_round: list[int] = field(default_factory=list)
     cache_hits: int = 0
     cache_misses: int = 0
+    late_hits: int = 0
+    hit_wait_s: float = 0.0
+    miss_wait_s: float = 0.0
     fallback: str = ""
     token_ids: list[int] = field(default_factory=list)
     mismatch_at: int | None = None  # first position differing from ar (greedy only)
@@ -183,6 +186,11 @@ def summarize(records: list[Record], modes: list[str], greedy: bool) -> dict:
             hits, misses = sum(r.cache_hits for r in rs), sum(r.cache_misses for r in rs)
             d["cache_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else 0.0
             d["draft_wait_s_per_round"] = round(sum(r.draft_wait_s for r in rs) / max(1, rounds), 4)
+            d["verify_s_per_round"] = round(sum(r.verify_s for r in rs) / max(1, rounds), 4)
+            d["late_hits"] = sum(r.late_hits for r in rs)
+            # the answer latency: the target's wait from sending an outcome to having the next proposal
+            d["hit_answer_ms"] = round(1000 * sum(r.hit_wait_s for r in rs) / hits, 2) if hits else None
+            d["miss_answer_ms"] = round(1000 * sum(r.miss_wait_s for r in rs) / misses, 2) if misses else None
             d["fallbacks"] = sum(1 for r in rs if r.fallback)
             d["verify_share"] = round(sum(r.verify_s for r in rs) / total, 3)
         if ar_tps and "ar" in by:
