@@ -77,6 +77,7 @@ def test_bench_concurrency_levels_through_the_engine(tiny_dir, tmp_path, capsys)
     assert summ["ar@3"]["mean_batch"] > 1.5 and summ["ar@1"]["mean_batch"] == 1.0
     assert summ["ssd@3"]["acceptance_rate"] == 1.0 and summ["ssd@3"]["cache_hit_rate"] > 0.8  # a draft worker, batched
     assert summ["ssd@3"]["mean_batch"] > 1.5 and "fallbacks" not in summ["ssd@3"]
+    assert summ["ssd@3"]["hit_answer_ms"] > 0
     assert summ["hf-assisted@3"]["sequential"] and "sequential" not in summ["ar@3"]
     sd = [r for r in res["records"] if r["mode"] == "sd"]  # the C = 1 traces, for `specserve simulate`
     assert len(sd) == 4 and all(len(r["drafted_per_round"]) == r["rounds"] for r in sd)

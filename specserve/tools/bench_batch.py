@@ -6,7 +6,8 @@ Per `mode@C` the summary has:
   aggregate_tokens_per_s  all new tokens / the wall time of that mode and level
   tokens_per_s_median     per request (its new tokens / its time from admission to its last chunk)
   acceptance_rate, mean_k (drafts per row and round), mean_batch (rows per round)
-  cache_hit_rate          ssd: proposals answered from the draft worker's speculation cache
+  cache_hit_rate          ssd: proposals answered from the draft worker's speculation cache, with
+                          late_hits, hit_answer_ms and miss_answer_ms (outcome sent -> proposal back)
   mismatches              greedy: every sequence against `ar@1`, with the first diverging position
                           and the target's top-2 logit gap there (a near-tie explains a flip)
 hf-assisted cannot batch: at C > 1 its requests run one after another (`sequential: true`).
@@ -74,6 +75,7 @@ def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: Sam
                                 "accepted_per_round": st.accepted_per_round,
                                 "hit_per_round": st.hit_per_round or [0] * st.rounds,
                                 "cache_hits": st.cache_hits, "cache_misses": st.cache_misses,
+                                "late_hits": st.late_hits, "hit_wait_s": st.hit_wait_s, "miss_wait_s": st.miss_wait_s,
                                 "fallback": st.fallback, "token_ids": toks})
                 del live[rid]
                 if bar is not None:
@@ -153,9 +155,12 @@ def _summarize(recs: list[dict], wall: float, delta: dict, sequential: bool) -> 
          "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in recs), 3) if recs else 0.0}
     drafted = sum(r["draft_tokens"] for r in recs)
     d["acceptance_rate"] = round(sum(r["accepted_tokens"] for r in recs) / drafted, 4) if drafted else None
-    tries = sum(r.get("cache_hits", 0) + r.get("cache_misses", 0) for r in recs)
-    if tries:
-        d["cache_hit_rate"] = round(sum(r["cache_hits"] for r in recs) / tries, 4)
+    hits, misses = (sum(r.get(key, 0) for r in recs) for key in ("cache_hits", "cache_misses"))
+    if hits + misses:  # ssd; the answer latency: from sending a row's outcome to having its next proposal
+        d["cache_hit_rate"] = round(hits / (hits + misses), 4)
+        d["late_hits"] = sum(r["late_hits"] for r in recs)
+        d["hit_answer_ms"] = round(1000 * sum(r["hit_wait_s"] for r in recs) / hits, 2) if hits else None
+        d["miss_answer_ms"] = round(1000 * sum(r["miss_wait_s"] for r in recs) / misses, 2) if misses else None
     if any(r.get("fallback") for r in recs):
         d["fallbacks"] = sum(1 for r in recs if r.get("fallback"))
     if delta.get("rounds"):
