@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from .common import (UsageError, add_model_flags, add_sampling_flags, add_ssd_flags, check_k, draft_client,
@@ -57,14 +58,23 @@ def cmd_bench(args) -> int:
     if args.concurrency is not None:
         return _bench_levels(args, sp, prompts, modes)
     fanout = parse_fanout(args.fanout)
-    ssd = any(m.startswith("ssd") for m in modes)
+    with _models_and_link(args, any(m.startswith("ssd") for m in modes)) as (target, draft, client):
+        result = run_bench(target, draft, prompts, modes, args.max_new_tokens, sp, args.k, args.seed,
+                           warmup=not args.no_warmup, client=client, fanout=fanout)
+    return _report(args, result, format_table(result), plot)
+
+
+@contextlib.contextmanager
+def _models_and_link(args, ssd: bool):
+    """(target, draft, client) for a bench run: the models of the flags and, for ssd, a DraftClient to
+    --draft-address or to a local worker on its own core (then every mode gets the target's cores
+    only: a fair split). The link and the worker are closed afterwards; a ValueError is a UsageError."""
     worker, threads, address = draft_worker_or_address(args, ssd)
     client = None
     try:
         target, draft = load_pair(args, args.draft, threads)
         client = draft_client(address, args.draft_timeout, target.vocab_size) if ssd else None
-        result = run_bench(target, draft, prompts, modes, args.max_new_tokens, sp, args.k, args.seed,
-                           warmup=not args.no_warmup, client=client, fanout=fanout)
+        yield target, draft, client
     except ValueError as e:
         raise UsageError(str(e)) from None
     finally:
@@ -72,7 +82,6 @@ def cmd_bench(args) -> int:
             client.close()
         if worker is not None:
             worker.close()
-    return _report(args, result, format_table(result), plot)
 
 
 def _report(args, result: dict, table: str, plot) -> int:
@@ -103,23 +112,10 @@ def _bench_levels(args, sp, prompts, modes) -> int:
     from ..tools.bench_batch import format_levels, plot_levels, run_levels
 
     levels = _levels(args.concurrency)
-    ssd = "ssd" in modes
-    # with a local worker every mode of the run gets the target's core(s) only: a fair split
-    worker, threads, address = draft_worker_or_address(args, ssd)
-    client = None
-    try:
-        target, draft = load_pair(args, args.draft, threads)
+    with _models_and_link(args, "ssd" in modes) as (target, draft, client):
         encoded = [(p, target.encode(p.text, p.chat)) for p in prompts]
-        client = draft_client(address, args.draft_timeout, target.vocab_size) if ssd else None
         result = run_levels(target, draft, encoded, modes, levels, args.max_new_tokens, sp, args.k, args.seed,
                             warmup=not args.no_warmup, client=client, fanout=parse_fanout(args.fanout))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    finally:
-        if client is not None:
-            client.close()
-        if worker is not None:
-            worker.close()
     return _report(args, result, format_levels(result["summary"]), plot_levels)
 
 

@@ -57,7 +57,6 @@ from .runner import make_runner
 from .sampling import batched_rejection_sample, warp_rows
 from .scheduler import CostModel, KPolicy, LinearCost, MeasuredCost, Scheduler
 from .sequence import Request, Sequence
-from .defaults import K
 from .speculative import Chunk, DraftUnavailable, KPlan
 
 __all__ = ["Engine", "EngineStats", "run_to_completion"]
@@ -182,10 +181,10 @@ class Engine:
             s.stats.verify_s += verify_s  # each row waits for the whole round
             s.stats.draft_wait_s += draft_s
             events.append((s.id, s.commit(o[:nb], o[nb], drafted=k)))
-            if b_ssd := s.spec.mode == "ssd":
+            if s.spec.mode == "ssd":
                 s.stats.hit_per_round.append(int(k > 0 and s.drafter is not None and s.drafter.last_hit))
-            if b_ssd and s.drafter is not None and not s.finish_reason:
-                self._tell(s, nb, o[nb], committed)
+                if s.drafter is not None and not s.finish_reason:
+                    self._tell(s, nb, o[nb], committed)
         for s in self.scheduler.update_from_output(rows, n, kd):
             self._release(s)
             self.seqs.pop(s.id, None)
@@ -244,8 +243,8 @@ class Engine:
     def _proposals(self, rows: list[Sequence], kd: list[int]) -> dict[int, tuple[list[int], torch.Tensor | None]]:
         """ssd rows: each drafter's proposal {row: (d, q [len d, V] | None)}; kd[b] set to len(d).
 
-        Every outcome went out at the end of the last round, so the draft worked on all rows at
-        once; waiting for them in turn costs the slowest one. A failed drafter leaves its row ar."""
+        A row's proposal is the Start's in its first round, else the answer `_tell` already
+        waited for at the end of the last round. A failed drafter leaves its row ar."""
         out = {}
         for b, s in enumerate(rows):
             if s.spec.mode != "ssd":
@@ -253,9 +252,8 @@ class Engine:
             if not s.external or kd[b] == 0:
                 kd[b] = 0
                 continue
-            k = s.spec.k if s.spec.k is not None else K  # the request's k: the row's plan, every round
-            try:  # the Start's proposal, or the answer to the last round's outcome (already here)
-                d, q = s.drafter.propose(s.ids, KPlan(kd[b], k, k))
+            try:  # the row's plan: the request's k, every round
+                d, q = s.drafter.propose(s.ids, KPlan(kd[b], s.ssd_k, s.ssd_k))
             except DraftUnavailable as e:
                 self._drop_drafter(s, e)
                 kd[b] = 0
@@ -274,10 +272,9 @@ class Engine:
         cache hit rate from 1.0 to 0.6-0.7 (the worker, one sequence at a time, had not speculated
         for the later rows when their outcomes came); the draft worker's batch scheduler (issue
         13, item 2) is what makes that pay."""
-        k = s.spec.k if s.spec.k is not None else K
         t0 = time.perf_counter()
         try:
-            s.drafter.on_outcome(accepted, token, committed, KPlan(s.draft_len(0), k, k))
+            s.drafter.on_outcome(accepted, token, committed, KPlan(s.draft_len(0), s.ssd_k, s.ssd_k))
         except DraftUnavailable as e:
             self._drop_drafter(s, e)
             return
@@ -306,7 +303,7 @@ class Engine:
         act = [b for b, k in enumerate(kd) if k > 0 and b not in proposals]  # rows the draft model drafts
         sampled = any(not rows[b].sp.greedy for b, k in enumerate(kd) if k > 0)
         V = self.target.vocab_size
-        q = torch.zeros(N, V, device=self.device) if sampled else None  # [N, V]
+        q = torch.empty(N, V, device=self.device) if sampled else None  # [N, V]: every row is written below
         for b, (d, qb) in proposals.items():
             pos = slice(off[b], off[b] + len(d))
             drafts[pos] = to_device(d, self.device)

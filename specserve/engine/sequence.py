@@ -121,6 +121,11 @@ class Sequence:
         return self.spec.mode == "sd" and self.spec.k != 0
 
     @property
+    def ssd_k(self) -> int:
+        """An ssd row's k before the budget cuts it: the request's, else the default K."""
+        return self.spec.k if self.spec.k is not None else K
+
+    @property
     def external(self) -> bool:
         """Whether the row's own drafter proposes its drafts (ssd, until the drafter fails)."""
         return self.spec.mode == "ssd" and self.drafter is not None and self.spec.k != 0
@@ -133,7 +138,7 @@ class Sequence:
     def draft_len(self, k_round: int) -> int:
         """This round's k: the request's own fixed k, else the round's; never past the budget."""
         if self.external:
-            k = self.spec.k if self.spec.k is not None else K
+            k = self.ssd_k
         else:
             k = 0 if not self.speculates else (self.spec.k if self.spec.k is not None else k_round)
         return max(0, min(k, self.remaining - 1))

@@ -68,8 +68,8 @@ def rss_mb() -> float:
 @dataclass
 class SessionCache:
     """A chat session on this replica: its key in the batching engine (where batched turns park
-    their slot) and, for per-sequence turns (ssd), its own target KV cache and the token ids it
-    holds (ids[:kv.length])."""
+    their slot) and, for per-sequence turns (longer than the engine's max_model_len, or a replica
+    without an engine), its own target KV cache and the token ids it holds (ids[:kv.length])."""
 
     key: str = field(default_factory=lambda: f"session-{uuid.uuid4().hex}")
     kv: KVCache | None = None
@@ -92,7 +92,7 @@ class TargetReplica:
 
     The link is made by `connect_draft(address)`; while there is none, ssd requests run as ar and
     their stats say `draft_error` (set it to why the last attempt to link failed). With an
-    `engine` (built over the same target and local draft), ar and sd requests are batched;
+    `engine` (built over the same target and local draft), requests of every mode are batched;
     `on_step(engine)` runs after each of its steps and while it idles (EngineLoop).
     """
 
@@ -195,17 +195,9 @@ class TargetReplica:
                 yield msg
             return
         sp = SamplingParams(p.temperature, p.top_k, p.top_p)
-        mode, fallback, client, drafter = p.mode, "", None, None
-        if mode == "ssd":  # the row's drafter: a RemoteDrafter on the replica's one draft stream
-            with self._lock:
-                client = self._client
-            if client is None:  # no draft reachable: run as ar, say why
-                mode, fallback = "ar", self.draft_error
-            else:
-                drafter = make_drafter("ssd", ids + list(p.resume_ids), self.target.vocab_size, sp,  # resumed: context
-                                       SpecConfig(mode="ssd", k=p.k), client=client, fanout=p.fanout or None,
-                                       speculate=p.speculate, seed=resume_seed(p.seed, len(p.resume_ids)),
-                                       max_new_tokens=p.max_tokens - len(p.resume_ids), timeout=self.draft_timeout)
+        mode, fallback, client = self._mode_and_link(p)
+        # sd rows draft with the engine's draft model; an ssd row brings a RemoteDrafter on the one stream
+        drafter = self._drafter(p, mode, ids, sp, client) if mode == "ssd" else None
         req = Request(ids, p.max_tokens, sp, p.seed, p.stop, SpeculationParams(mode, p.k),
                       cache_key=session.key if session is not None else None, drafter=drafter,
                       resume_ids=list(p.resume_ids), resume_text=p.resume_text)
@@ -232,17 +224,10 @@ class TargetReplica:
         ids = self.encode(p) if ids is None else ids
         sp = SamplingParams(p.temperature, p.top_k, p.top_p)
         st = Stats()
-        mode, fallback = p.mode, ""
-        with self._lock:
-            client = self._client
-        if mode == "ssd" and client is None:  # no draft reachable: run as ar, say why
-            mode, fallback = "ar", self.draft_error
+        mode, fallback, client = self._mode_and_link(p)
         spec = SpecConfig(mode=mode, k=p.k)
         context = ids + list(p.resume_ids)  # a resumed generation: its committed output is context too
-        draft = make_drafter(mode, context, self.target.vocab_size, sp, spec, draft=self.local_draft,  # 3. drafter
-                             client=client, fanout=p.fanout or None, speculate=p.speculate,
-                             seed=resume_seed(p.seed, len(p.resume_ids)),
-                             max_new_tokens=p.max_tokens - len(p.resume_ids), timeout=self.draft_timeout)
+        draft = self._drafter(p, mode, ids, sp, client)  # 3. drafter
         kv = session.prefix_for(self.target, context) if session is not None else None  # 2. reuse
         out: list[int] = []
         with self._lock:
@@ -263,6 +248,22 @@ class TargetReplica:
                 full = context + out
                 kv.crop(min(kv.length, len(full)))
                 session.ids = full[:kv.length]
+
+    def _mode_and_link(self, p: GenParams) -> tuple[str, str, DraftClient | None]:
+        """(the mode the request runs in, why it is not the one asked for, the draft link now):
+        ssd without a reachable draft runs as ar and says why."""
+        with self._lock:
+            client = self._client
+        if p.mode == "ssd" and client is None:
+            return "ar", self.draft_error, None
+        return p.mode, "", client
+
+    def _drafter(self, p: GenParams, mode: str, ids: list[int], sp: SamplingParams, client: DraftClient | None):
+        """`make_drafter` for a request; a resumed generation's committed output is context too."""
+        return make_drafter(mode, ids + list(p.resume_ids), self.target.vocab_size, sp, SpecConfig(mode=mode, k=p.k),
+                            draft=self.local_draft, client=client, fanout=p.fanout or None, speculate=p.speculate,
+                            seed=resume_seed(p.seed, len(p.resume_ids)), max_new_tokens=p.max_tokens - len(p.resume_ids),
+                            timeout=self.draft_timeout)
 
     def _drop_if_dead(self, client: DraftClient) -> None:
         """After a fallback: forget the link if the draft is gone (not merely slow), so that the
