@@ -96,3 +96,36 @@ def test_a_row_past_max_model_len_is_refused_naming_the_fix():
     s = runner.cache.alloc()
     with pytest.raises(ValueError, match="exceed max_model_len=8: shorten the request or raise max_model_len"):
         runner.forward([s], torch.zeros(9, dtype=torch.long), [9], [1])
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_tree_rows_see_their_fork_of_the_shared_prefix_at_true_positions(kind):
+    """`forward_rows`: branches over one slot's prefix (each seeing the prefix up to its fork, its own
+    earlier tokens and itself, written to scratch columns) give transformers' logits of each
+    branch's own sequence; a causal row beside them equals `forward`. A position off by one shows."""
+    from specserve.engine.runner import TreeRow
+
+    model = random_model(kind)
+    runner = make_runner(model, slots=3, max_len=64)
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 300, (12,), generator=g).tolist()
+    other = torch.randint(0, 300, (5,), generator=g).tolist()
+    runner.forward_rows([TreeRow.causal(0, prefix, 0, 0)])  # the shared prefix, once, in slot 0
+    # step 1: branch A forks after 7 tokens with token 5, branch B after all 12 with token 9
+    # (columns 12, 13); step 2: each feeds one more token (columns 14, 15)
+    L, forks, firsts, seconds = 12, [7, 12], [5, 9], [40, 41]
+    for step, toks in ((0, firsts), (1, seconds)):
+        mask = torch.zeros(2, L + 2 * (step + 1), dtype=torch.bool)
+        for b, f in enumerate(forks):
+            mask[b, :f] = True
+            mask[b, [L + 2 * s + b for s in range(step + 1)]] = True
+        rows = [TreeRow(0, toks, [f + step for f in forks], [L + 2 * step + b for b in range(2)], mask, 2),
+                TreeRow.causal(1, other if step == 0 else [3], 0 if step == 0 else 5, 1)]
+        tree, plain = runner.forward_rows(rows)
+        for b, f in enumerate(forks):
+            seq = prefix[:f] + [firsts[b]] + ([seconds[b]] if step else [])
+            assert (tree[b] - reference(model, seq)[-1]).abs().max() < 2e-6, (step, b)
+        assert (plain[0] - reference(model, other + ([3] if step else []))[-1]).abs().max() < 2e-6
+    shifted = TreeRow(0, [5], [8], [12], torch.ones(1, 13, dtype=torch.bool).index_fill_(1, torch.arange(7, 12), False), 1)
+    # random weights barely use position (a shift moves logits ~1e-4): hence the tight bounds above
+    assert (runner.forward_rows([shifted])[0][0] - reference(model, prefix[:7] + [5])[-1]).abs().max() > 2e-5

@@ -300,7 +300,7 @@ def test_info(draft_address, tiny):
     with DraftClient(draft_address) as client:
         info = client.info(timeout=5)
         assert (info.vocab_size, info.model, info.dtype) == (512, "draft-random", "float32")
-        assert info.version and info.eos_ids and info.protocol == PROTOCOL == 2
+        assert info.version and info.eos_ids and info.protocol == PROTOCOL == 3
         assert client.check_vocab(512) == info
         with pytest.raises(ValueError, match="vocabulary of 512"):
             client.check_vocab(1000)
@@ -313,7 +313,7 @@ def test_a_draft_of_another_protocol_is_refused(tiny, monkeypatch):
     server = serve(tiny["draft-random"], port=0)
     try:
         with DraftClient(server.address) as client:
-            with pytest.raises(ValueError, match="protocol 1 but this target speaks 2: run the same specserve"):
+            with pytest.raises(ValueError, match="protocol 1 but this target speaks 3: run the same specserve"):
                 client.check_vocab(512)
     finally:
         server.stop(grace=None)

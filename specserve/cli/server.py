@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ..engine.defaults import DRAFT_MAX_LEN, DRAFT_SLOTS
 from .common import DTYPE_CHOICES, QUANTIZE_CHOICES, UsageError, add_fanout_budget_flag
 
 
@@ -29,6 +30,11 @@ def register(sub) -> None:
     w.add_argument("--quantize", default="int8", choices=QUANTIZE_CHOICES,
                    help="dynamic int8 quantization (default int8: a draft's dtype never changes the output)")
     add_fanout_budget_flag(w)
+    w.add_argument("--max-seqs", type=int, default=DRAFT_SLOTS,
+                   help=f"sequences each speculation stream (one per target replica) holds at once (default {DRAFT_SLOTS})")
+    w.add_argument("--max-model-len", type=int, default=DRAFT_MAX_LEN,
+                   help=f"longest sequence (prompt + output) a slot holds; longer ones finish without the draft "
+                        f"(default {DRAFT_MAX_LEN})")
     w.set_defaults(func=cmd_draft_worker)
 
 
@@ -79,9 +85,14 @@ def cmd_draft_worker(args) -> int:
     budget = FANOUT_BUDGET if args.fanout_budget is None else args.fanout_budget
     if budget < 0:
         raise UsageError(f"--fanout-budget must be >= 0 (0 = no speculation branches), got {budget}")
+    if args.max_seqs < 1:
+        raise UsageError(f"--max-seqs must be >= 1, got {args.max_seqs}")
+    if args.max_model_len < 16:
+        raise UsageError(f"--max-model-len must be >= 16, got {args.max_model_len}")
     try:
         return run_draft_worker(args.model, port=args.port, threads=args.threads, dtype=args.dtype,
-                                quantize=args.quantize, host=args.host, fanout_budget=budget)
+                                quantize=args.quantize, host=args.host, fanout_budget=budget,
+                                max_seqs=args.max_seqs, max_model_len=args.max_model_len)
     except (FileNotFoundError, OSError, ValueError) as e:
         bind = isinstance(e, OSError) and "bind" in str(e)
         raise UsageError(f"--port: {e}" if bind else f"--model: {e}") from None

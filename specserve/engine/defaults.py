@@ -11,3 +11,5 @@ STOP_PROB = 0.5  # a proposal ends after a token the draft itself gives less tha
 Q_TOP = 32  # sampling: tokens kept in each sparse draft distribution q' sent over the wire
 FANOUT_BUDGET = 8  # ssd: the most branches a round's speculation drafts
 FANOUT_MIN_GAIN = 0.01  # ssd: a branch must be the outcome with at least this probability to be drafted
+DRAFT_SLOTS = 8  # ssd at batch: sequences one speculation stream holds at once (a draft worker's slots per stream)
+DRAFT_MAX_LEN = 2048  # ... and the longest sequence (prompt + output) a slot holds, as the target's max_model_len

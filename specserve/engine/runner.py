@@ -26,6 +26,7 @@ SerialRunner (the fallback) brings each row's logits through the CPU, a sync per
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
@@ -36,7 +37,7 @@ from .device import to_device
 from .lm import KVCache
 from .slot_cache import SlotCache, SlotPool
 
-__all__ = ["Runner", "NativeRunner", "SerialRunner", "SerialCache", "make_runner", "native_supported"]
+__all__ = ["Runner", "NativeRunner", "TreeRow", "SerialRunner", "SerialCache", "make_runner", "native_supported"]
 
 NATIVE_FAMILIES = ("llama", "qwen2")
 
@@ -145,6 +146,65 @@ class NativeRunner(Runner):
     def forward(self, slots, tokens, row_lens, keep):
         koff = self._check(self.cache, slots, row_lens, keep)
         pos, slot_of, groups = self._layout(slots, row_lens)
+        logits = self._run(tokens, pos, slot_of, pos, groups, row_lens, keep)
+        for s, n in zip(slots, row_lens):
+            self.cache.set_length(s, self.cache.length(s) + n)
+        return logits, koff
+
+    @torch.inference_mode()
+    def forward_rows(self, rows: list["TreeRow"]) -> list[torch.Tensor]:
+        """Rows that say where each token goes and what it sees: logits [keep, V] per row.
+
+        Unlike `forward`, each token carries its own position (RoPE) and cache column, and each row
+        its own visibility mask over its slot's columns, so a row can be a tree (speculation
+        branches over a shared prefix, each seeing the prefix up to its fork and its own earlier
+        tokens). Slot lengths are not touched: the caller owns which columns are valid.
+        """
+        assert rows, "at least one row"
+        for r in rows:
+            if max(r.columns) >= self.cache.max_len:
+                raise ValueError(f"slot {r.slot}: column {max(r.columns)} is past the cache's "
+                                 f"{self.cache.max_len} columns: shorten the request or raise max_model_len")
+        lens = [len(r.tokens) for r in rows]
+        order = sorted(range(len(rows)), key=lambda b: -lens[b])
+        groups, cur = [], [order[0]]
+        for b in order[1:]:  # as _layout: a row under half the group's longest starts a new group
+            if 2 * lens[b] < lens[cur[0]]:
+                groups.append(cur)
+                cur = []
+            cur.append(b)
+        groups.append(cur)
+        starts = list(accumulate([0] + lens[:-1]))
+        dev = self.device
+        host = [p for r in rows for p in r.positions] + [r.slot for r in rows for _ in r.tokens] + \
+            [c for r in rows for c in r.columns] + [t for r in rows for t in r.tokens]
+        ix = to_device(host, dev)
+        N = len(host) // 4
+        pos, slot_of, cols, tokens = ix[:N], ix[N:2 * N], ix[2 * N:3 * N], ix[3 * N:]
+        out_groups = []
+        for g in groups:
+            T = lens[g[0]]
+            L = max(rows[b].mask.shape[1] for b in g)
+            mask = torch.zeros(len(g), 1, T, L, dtype=torch.bool)  # [G, 1, T, L]
+            mask[:, :, :, 0] = True  # padded queries see column 0 (their output is dropped)
+            for i, b in enumerate(g):
+                m = rows[b].mask  # [n_b, W_b]
+                mask[i, 0, :m.shape[0]] = False
+                mask[i, 0, :m.shape[0], :m.shape[1]] = m
+            parts = to_device([rows[b].slot for b in g] + [t for b in g for t in range(starts[b], starts[b] + lens[b])]
+                              + [i for i, b in enumerate(g) for _ in range(lens[b])]
+                              + [t for b in g for t in range(lens[b])], dev)
+            n_g = sum(lens[b] for b in g)
+            G = len(g)
+            out_groups.append((parts[:G], parts[G:G + n_g], parts[G + n_g:G + 2 * n_g], parts[G + 2 * n_g:],
+                               mask.to(dev), G, T, L))
+        logits = self._run(tokens, pos, slot_of, cols, out_groups, lens, [r.keep for r in rows])
+        koff = list(accumulate([0] + [r.keep for r in rows]))
+        return [logits[a:b] for a, b in zip(koff[:-1], koff[1:])]
+
+    def _run(self, tokens, pos, slot_of, cols, groups, row_lens, keep) -> torch.Tensor:
+        """The decoder over flat tokens: K/V written at (slot_of, cols), attention by groups; logits
+        [sum(keep), V] of each row's last keep[b] tokens."""
         N, H, Hkv, D = len(pos), self.heads, self.kv_heads, self.head_dim
         if not (isinstance(tokens, torch.Tensor) and tokens.device == self.device):
             tokens = to_device(tokens, self.device)  # [N] (the engine passes device tensors)
@@ -159,7 +219,7 @@ class NativeRunner(Runner):
             v = attn.v_proj(x).view(N, Hkv, D)
             q = q * cos + _rotate_half(q) * sin  # [N, H, D]
             k = k * cos + _rotate_half(k) * sin  # [N, Hkv, D]
-            self.cache.write(i, slot_of, pos, k, v)
+            self.cache.write(i, slot_of, cols, k, v)
             o = q if len(groups) == 1 else torch.empty_like(q)  # [N, H, D]
             for slot_t, flat, row, t_in, mask, G, T, L in groups:
                 K, V = self.cache.read(i, slot_t, L)  # [G, Hkv, L, D] each
@@ -170,14 +230,33 @@ class NativeRunner(Runner):
                 o[flat] = og.transpose(1, 2)[row, t_in]  # [n_g, H, D]
             h = h + attn.o_proj(o.reshape(1, N, H * D))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        for s, n in zip(slots, row_lens):
-            self.cache.set_length(s, self.cache.length(s) + n)
         ends = accumulate(row_lens)  # flat end of each row (host ints)
         sel = [t for e, kp in zip(ends, keep) for t in range(e - kp, e)]  # [M]
         if not sel:
-            return h.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), koff
+            return h.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
         hs = self.inner.norm(h[:, to_device(sel, self.device)])  # [1, M, hidden]
-        return self.model.lm_head(hs)[0].float(), koff  # [M, V]
+        return self.model.lm_head(hs)[0].float()  # [M, V]
+
+
+@dataclass
+class TreeRow:
+    """One row of `NativeRunner.forward_rows`: tokens [n] with their positions and cache columns
+    in `slot`, mask [n, W] bool (token i sees column j of the slot iff mask[i, j]; it must see
+    its own column), and how many of the last tokens need logits."""
+
+    slot: int
+    tokens: list[int]
+    positions: list[int]
+    columns: list[int]
+    mask: torch.Tensor
+    keep: int
+
+    @classmethod
+    def causal(cls, slot: int, tokens: list[int], start: int, keep: int) -> "TreeRow":
+        """Tokens appended at columns (= positions) start.., each seeing everything before it."""
+        n = len(tokens)
+        mask = torch.arange(start + n)[None, :] <= (start + torch.arange(n))[:, None]  # [n, start + n]
+        return cls(slot, list(tokens), list(range(start, start + n)), list(range(start, start + n)), mask, keep)
 
 
 class SerialCache(SlotPool):

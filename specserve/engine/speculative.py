@@ -234,6 +234,26 @@ class Drafter:
     def close(self) -> None:
         pass
 
+    # Many sequences' drafters at once (the batching engine, once a round). A drafter class that can
+    # serve several of its drafters in one exchange (RemoteDrafter: one message on their shared
+    # stream) overrides these; the defaults take the drafters one by one.
+    @staticmethod
+    def start_all(items: list[tuple["Drafter", list[int], KPlan]]) -> None:
+        """Ask for the first proposals of (drafter, seq, plan) now, so `propose` has them ready."""
+
+    @staticmethod
+    def outcome_all(items: list[tuple["Drafter", int, int, int, KPlan]]) -> list[Exception | None]:
+        """`on_outcome(accepted, token, committed, plan)` of each (drafter, ...); per item None or the
+        DraftUnavailable it raised."""
+        out: list[Exception | None] = []
+        for d, accepted, token, committed, plan in items:
+            try:
+                d.on_outcome(accepted, token, committed, plan)
+                out.append(None)
+            except DraftUnavailable as e:
+                out.append(e)
+        return out
+
 
 class LocalDrafter(Drafter):
     """A draft LM in this process, drafting on demand (plain SD)."""

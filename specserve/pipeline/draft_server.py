@@ -32,13 +32,16 @@ from typing import Iterable, Iterator
 
 import grpc
 
-from ..engine.defaults import FANOUT_BUDGET
+from ..engine.defaults import DRAFT_MAX_LEN, DRAFT_SLOTS, FANOUT_BUDGET
 from ..engine.lm import LM, load_model, set_threads
+from ..engine.draft_scheduler import DraftScheduler
+from ..engine.runner import native_supported
 from ..engine.ssd import AcceptanceModel, DraftSession, StaleRound
 from ..v1 import speculation_pb2_grpc as pb_grpc
-from .wire import PROTOCOL, error_message, message_seq, pb, plan_from, proposal_message, session_kwargs
+from .wire import (PROTOCOL, error_message, message_seq, pb, plan_from, proposal_message, replies_message,
+                   session_kwargs, unbatch)
 
-__all__ = ["DraftService", "Inbox", "serve_stream", "SpeculationServicer", "serve", "run_draft_worker",
+__all__ = ["DraftService", "BatchDraftService", "Inbox", "serve_stream", "serve_batched", "SpeculationServicer", "serve", "run_draft_worker",
            "SERVER_OPTIONS"]
 
 log = logging.getLogger(__name__)
@@ -221,6 +224,184 @@ class DraftService:
         return error_message(seq, code, message)
 
 
+class BatchDraftService:
+    """The open sequences of one speculation stream on a `DraftScheduler` (native draft models).
+
+    `handle_many(messages)` applies messages that arrived together, drafting every miss in the
+    same batched forwards, and returns each message's replies (a Batch gets one Replies);
+    `speculate_step()` runs one forward of speculation for every sequence with a proposal out.
+    Anything a message gets wrong becomes an `Error` for that sequence, never an exception.
+    """
+
+    def __init__(self, lm: LM, fanout_budget: int = FANOUT_BUDGET, max_seqs: int = DRAFT_SLOTS,
+                 max_model_len: int | None = DRAFT_MAX_LEN):
+        self.scheduler = DraftScheduler(lm, max_seqs=max_seqs, max_model_len=max_model_len,
+                                        fanout_budget=fanout_budget)
+        self.lm, self.acceptance = lm, self.scheduler.acceptance
+        self.started = 0
+        self.errors = 0
+        self._closed = {"hits": 0, "late_hits": 0, "misses": 0, "speculations": 0, "branches": 0}
+        self.answers = dict.fromkeys(ANSWERS, 0)
+        self.answer_s = dict.fromkeys(ANSWERS, 0.0)
+
+    @property
+    def sessions(self) -> dict:
+        return self.scheduler.sessions
+
+    def handle(self, msg: pb.TargetMessage) -> list[pb.DraftMessage]:
+        """One message (for callers that have only one)."""
+        return self.handle_many([(time.perf_counter(), msg)])[0]
+
+    def handle_many(self, msgs: list[tuple[float, pb.TargetMessage]]) -> list[list[pb.DraftMessage]]:
+        """Apply (arrival time, message) pairs that arrived together; the replies of each, in order.
+
+        Every proposal asked for is drafted before any reply is built, all in one lockstep run
+        (a second message for a sequence already asked of in this call runs after the first)."""
+        plans: list[tuple[str, list[tuple[str, float, pb.DraftMessage | None]]]] = []  # (kind, [(seq, arrived, reply)])
+        jobs: dict[str, object] = {}
+        kinds: dict[str, str] = {}
+        for arrived, msg in msgs:
+            kind = msg.WhichOneof("kind")
+            entries = []
+            for m in unbatch(msg):
+                seq = message_seq(m)
+                if seq in jobs:  # two messages for one sequence: finish the first one's first
+                    self._run(jobs, kinds, plans)
+                entries.append(self._apply(m, seq, arrived, jobs, kinds))
+            plans.append((kind, entries))
+        self._run(jobs, kinds, plans)
+        out = []
+        for kind, entries in plans:
+            replies = [r for _, _, r in entries if r is not None]
+            out.append([replies_message(replies)] if kind == "batch" else replies)
+        return out
+
+    def speculating(self) -> bool:
+        return self.scheduler.speculating()
+
+    def speculate_step(self) -> list[pb.DraftMessage]:
+        """One forward of speculation for every sequence that has some; Errors of those that failed."""
+        out = []
+        for seq, exc in self.scheduler.speculate_step().items():
+            log.error("speculation failed for sequence %r: %s", seq, exc)
+            self._drop(seq)
+            out.append(self._error(seq, E.INTERNAL, f"speculation failed: {type(exc).__name__}: {exc}; "
+                                                    "the sequence is closed: Start it again or decode without the draft"))
+        return out
+
+    @property
+    def spec_steps(self) -> int:
+        return self.scheduler.spec_steps
+
+    answered = DraftService.answered
+    stats = DraftService.stats
+    _count = DraftService._count
+    hits, late_hits, misses = DraftService.hits, DraftService.late_hits, DraftService.misses
+    _error = DraftService._error
+
+    def close(self) -> None:
+        for seq in list(self.sessions):
+            self._drop(seq)
+
+    # ------------------------------------------------------------------ internals
+
+    def _apply(self, m: pb.TargetMessage, seq: str, arrived: float, jobs: dict, kinds: dict):
+        """Validate and apply one message: (seq, arrived, reply or None while its proposal is drafted)."""
+        kind = m.WhichOneof("kind")
+        try:
+            if kind == "stop":
+                self._drop(seq)
+                return seq, arrived, None
+            if kind == "start":
+                reply = self._start(m.start, jobs)
+            elif kind == "outcome":
+                reply = self._outcome(m.outcome, jobs)
+            else:
+                reply = self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop, batch")
+        except Exception as exc:  # a bug: close this sequence, keep the stream
+            log.exception("draft failed on %s for sequence %r", kind, seq)
+            jobs.pop(seq, None)
+            self._drop(seq)
+            reply = self._error(seq, E.INTERNAL, f"draft failed: {type(exc).__name__}: {exc}; "
+                                                 "the sequence is closed: Start it again or decode without the draft")
+        if reply is None:
+            kinds[seq] = kind
+        return seq, arrived, reply
+
+    def _start(self, m: pb.Start, jobs: dict) -> pb.DraftMessage | None:
+        if not m.seq:
+            return self._error("", E.INVALID_ARGUMENT, "Start.seq is empty: give every sequence an id")
+        if m.seq in self.sessions:
+            return self._error(m.seq, E.INVALID_ARGUMENT,
+                               f"sequence {m.seq!r} is already open on this stream: Stop it first or use a new id")
+        try:
+            kwargs = session_kwargs(m.params)
+        except ValueError as exc:
+            return self._error(m.seq, E.INVALID_ARGUMENT, f"bad SpecParams: {exc}")
+        try:
+            plan = plan_from(m)
+            session = self.scheduler.open(m.seq, list(m.prompt_ids), **kwargs)  # validates prompt, k, ...
+        except ValueError as exc:
+            return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
+        self.started += 1
+        jobs[m.seq] = session.first_program(plan)
+        return None
+
+    def _outcome(self, m: pb.Outcome, jobs: dict) -> pb.DraftMessage | None:
+        session = self.sessions.get(m.seq)
+        if session is None:
+            return self._error(m.seq, E.UNKNOWN_SEQUENCE,
+                               f"no open sequence {m.seq!r} on this stream (never started, stopped, or closed "
+                               "after an error): send Start first")
+        try:
+            job = session.outcome_program(int(m.round), int(m.accepted), int(m.token), plan_from(m))
+        except StaleRound as exc:
+            return self._error(m.seq, E.STALE_ROUND, str(exc))
+        except ValueError as exc:
+            return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
+        if m.HasField("speculate"):
+            session.speculating = m.speculate
+        jobs[m.seq] = job
+        return None
+
+    def _run(self, jobs: dict, kinds: dict, plans: list) -> None:
+        """Draft every pending proposal together; fill in the replies waiting for them."""
+        if not jobs:
+            return
+        results = self.scheduler.answer(dict(jobs))
+        now = time.perf_counter()
+        done = {}
+        for seq, res in results.items():
+            if isinstance(res, Exception):
+                log.error("draft failed for sequence %r: %s", seq, res)
+                self._drop(seq)
+                code = E.INVALID_ARGUMENT if isinstance(res, ValueError) else E.INTERNAL
+                done[seq] = self._error(seq, code, f"draft failed: {res}; the sequence is closed: "
+                                                   "Start it again or decode without the draft")
+            else:
+                done[seq] = res
+        for _, entries in plans:
+            for n, (seq, arrived, reply) in enumerate(entries):
+                if reply is None and seq in done:
+                    res = done[seq]
+                    if isinstance(res, pb.DraftMessage):
+                        entries[n] = (seq, arrived, res)
+                        continue
+                    msg = proposal_message(seq, res, now - arrived)
+                    if kinds.get(seq) == "outcome":
+                        self.answered(msg.proposal, now - arrived)
+                    entries[n] = (seq, arrived, msg)
+        for seq in done:
+            jobs.pop(seq, None)
+            kinds.pop(seq, None)
+
+    def _drop(self, seq: str) -> None:
+        sess = self.scheduler.close(seq)
+        if sess is not None:
+            for name in self._closed:
+                self._closed[name] += getattr(sess, name)
+
+
 # ---------------------------------------------------------------------- the stream loop
 
 class Inbox:
@@ -288,6 +469,32 @@ def serve_stream(service: DraftService, inbox: Inbox) -> Iterator[pb.DraftMessag
         service.close()
 
 
+def serve_batched(service: BatchDraftService, inbox: Inbox) -> Iterator[pb.DraftMessage]:
+    """`serve_stream` for a `BatchDraftService`: every message waiting is applied together (one
+    batched answer), then one forward of speculation for every sequence with a proposal out, and
+    the inbox is read again: a message waits for at most one speculation forward."""
+    try:
+        while True:
+            msg = inbox.get(block=not service.speculating())
+            if msg is Inbox.CLOSED:
+                return
+            if msg is None:
+                yield from service.speculate_step()
+                continue
+            batch, closed = [(inbox.arrived, msg)], False
+            while (more := inbox.get(block=False)) is not None:
+                if more is Inbox.CLOSED:
+                    closed = True
+                    break
+                batch.append((inbox.arrived, more))
+            for replies in service.handle_many(batch):
+                yield from replies
+            if closed:
+                return
+    finally:
+        service.close()
+
+
 def _pump(requests: Iterable[pb.TargetMessage], inbox: Inbox) -> None:
     """Reader thread: move the request stream into the inbox, then close it."""
     try:
@@ -303,12 +510,22 @@ _DONE = object()
 
 
 class SpeculationServicer(pb_grpc.SpeculationServicer):
-    """gRPC glue: one `DraftService` and one `serve_stream` loop (its own thread) per Stream call."""
+    """gRPC glue: per Stream call one service and its loop (its own thread): a `BatchDraftService`
+    and `serve_batched` for a native draft model (Llama / Qwen2 families; `batched=False` turns it
+    off), else a `DraftService` and `serve_stream`. max_seqs / max_model_len: the batched service's
+    slots per stream and the longest sequence a slot holds."""
 
-    def __init__(self, lm: LM, fanout_budget: int = FANOUT_BUDGET):
+    def __init__(self, lm: LM, fanout_budget: int = FANOUT_BUDGET, max_seqs: int = DRAFT_SLOTS,
+                 max_model_len: int | None = DRAFT_MAX_LEN, batched: bool | None = None):
         if fanout_budget < 0:
             raise ValueError(f"fanout_budget must be >= 0 (0 = no branches), got {fanout_budget}")
-        self.lm, self.fanout_budget = lm, fanout_budget
+        if max_seqs < 1:
+            raise ValueError(f"max_seqs must be >= 1, got {max_seqs}")
+        why = native_supported(lm.model)
+        if batched and why:
+            raise ValueError(f"the batched draft service needs the native decoder: {why}")
+        self.batched = why is None if batched is None else batched
+        self.lm, self.fanout_budget, self.max_seqs, self.max_model_len = lm, fanout_budget, max_seqs, max_model_len
         self.streams = 0  # Stream calls so far
         self._live: set[DraftService] = set()
         self._done = dict.fromkeys(COUNTERS, 0)
@@ -319,7 +536,8 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
         return info_reply(self.lm)
 
     def Stream(self, request_iterator, context) -> Iterator[pb.DraftMessage]:
-        service = DraftService(self.lm, self.fanout_budget)
+        service = (BatchDraftService(self.lm, self.fanout_budget, self.max_seqs, self.max_model_len) if self.batched
+                   else DraftService(self.lm, self.fanout_budget))
         with self._lock:
             self.streams += 1
             self._live.add(service)
@@ -333,14 +551,15 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
         while (msg := outbox.get()) is not _DONE:
             yield msg
 
-    def _work(self, service: DraftService, inbox: Inbox, outbox: queue.Queue) -> None:
+    def _work(self, service: "DraftService | BatchDraftService", inbox: Inbox, outbox: queue.Queue) -> None:
         """Worker thread of one stream: run `serve_stream`, hand each reply to the response generator.
 
         Handing over (not yielding to gRPC) lets speculation start the moment a proposal is
         queued instead of after gRPC has finished sending it, when the outcome may be back.
         """
         try:
-            for msg in serve_stream(service, inbox):
+            loop = serve_batched if isinstance(service, BatchDraftService) else serve_stream
+            for msg in loop(service, inbox):
                 outbox.put(msg)
         except Exception:  # pragma: no cover - handle/speculate turn failures into Errors
             log.exception("speculation stream worker failed")
@@ -373,11 +592,14 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
 # ---------------------------------------------------------------------- serving
 
 def serve(lm: LM, port: int = 0, threads: int | None = None, host: str = "127.0.0.1",
-          max_streams: int = 16, fanout_budget: int = FANOUT_BUDGET) -> grpc.Server:
+          max_streams: int = 16, fanout_budget: int = FANOUT_BUDGET, max_seqs: int = DRAFT_SLOTS,
+          max_model_len: int | None = DRAFT_MAX_LEN, batched: bool | None = None) -> grpc.Server:
     """Start the speculation gRPC server for `lm` on host:port (0 = a free port).
 
     threads: torch intra-op threads of this process (None = leave as is). Each open stream holds
-    one of `max_streams` server threads. fanout_budget: the most speculation branches a round drafts. The started server gets two attributes: `address`
+    one of `max_streams` server threads. fanout_budget: the most speculation branches a round
+    drafts per sequence. max_seqs, max_model_len, batched: `SpeculationServicer`'s (the batched
+    service's slots per stream, its longest sequence). The started server gets two attributes: `address`
     ("host:port", the port actually bound) and `servicer` (its `stats()` counts streams,
     sequences and speculation cache hits).
     """
@@ -385,7 +607,7 @@ def serve(lm: LM, port: int = 0, threads: int | None = None, host: str = "127.0.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams + 2,
                                                     thread_name_prefix="speculation"),
                          options=SERVER_OPTIONS)
-    servicer = SpeculationServicer(lm, fanout_budget)
+    servicer = SpeculationServicer(lm, fanout_budget, max_seqs=max_seqs, max_model_len=max_model_len, batched=batched)
     pb_grpc.add_SpeculationServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -398,13 +620,15 @@ def serve(lm: LM, port: int = 0, threads: int | None = None, host: str = "127.0.
 
 def run_draft_worker(model: str, port: int = 0, threads: int | None = None, dtype: str = "float32",
                      quantize: str | None = None, host: str = "127.0.0.1", max_streams: int = 16,
-                     fanout_budget: int = FANOUT_BUDGET) -> int:
+                     fanout_budget: int = FANOUT_BUDGET, max_seqs: int = DRAFT_SLOTS,
+                     max_model_len: int | None = DRAFT_MAX_LEN) -> int:
     """`specserve draft-worker`: load the draft, serve it, print `LISTENING host:port`, block.
 
     Runs until SIGINT/SIGTERM (or the server stops); returns the exit code 0.
     """
     lm = load_model(model, dtype=dtype, threads=threads, quantize=quantize, tokenizer=False)
-    server = serve(lm, port=port, threads=threads, host=host, max_streams=max_streams, fanout_budget=fanout_budget)
+    server = serve(lm, port=port, threads=threads, host=host, max_streams=max_streams, fanout_budget=fanout_budget,
+                   max_seqs=max_seqs, max_model_len=max_model_len)
     print(f"draft {lm.name}: vocab {lm.vocab_size}, {lm.dtype}"
           f"{', ' + lm.quantization if lm.quantization else ''}, loaded in {lm.load_s:.1f} s",
           file=sys.stderr, flush=True)

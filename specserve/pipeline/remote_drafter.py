@@ -26,7 +26,7 @@ from ..engine.sampling import SamplingParams
 from ..engine.speculative import Drafter, DraftUnavailable, KPlan
 from ..engine.ssd import Proposal
 from ..v1 import speculation_pb2_grpc as pb_grpc
-from .wire import PROTOCOL, message_seq, pb, plan_message, proposal_fields, spec_params
+from .wire import PROTOCOL, message_seq, pb, plan_message, proposal_fields, spec_params, unbatch
 
 __all__ = ["DraftClient", "DraftInfo", "RemoteProposal", "RemoteDrafter", "DraftUnavailable", "DraftError",
            "CHANNEL_OPTIONS"]
@@ -93,14 +93,15 @@ class _Stream:
     def _read(self) -> None:
         reason = "the draft closed the stream"
         try:
-            for msg in self.call:
-                seq = message_seq(msg)
-                with self.lock:
-                    q = self.queues.get(seq)
-                if q is not None:
-                    q.put(msg)
-                elif msg.WhichOneof("kind") == "error":
-                    log.warning("draft error for no open sequence %r: %s", seq, msg.error.message)
+            for batch in self.call:
+                for msg in unbatch(batch):
+                    seq = message_seq(msg)
+                    with self.lock:
+                        q = self.queues.get(seq)
+                    if q is not None:
+                        q.put(msg)
+                    elif msg.WhichOneof("kind") == "error":
+                        log.warning("draft error for no open sequence %r: %s", seq, msg.error.message)
         except grpc.RpcError as exc:
             reason = f"{exc.code().name}: {exc.details()}"
         except Exception as exc:  # pragma: no cover - defensive: never leave waiters hanging
@@ -181,6 +182,49 @@ class DraftClient:
         params: a SpecParams message, a dict of `wire.spec_params` arguments, or None (defaults).
         plan: round 0's KPlan (None: params.k throughout).
         """
+        stream, msg = self._open(seq, prompt_ids, params, plan)
+        stream.send(pb.TargetMessage(start=msg))
+        return self._wait(stream, seq, 0, self._t(timeout))
+
+    def exchange(self, starts: list[tuple] = (), outcomes: list[tuple] = (),
+                 timeout: float | None = None) -> dict[str, "RemoteProposal | DraftUnavailable"]:
+        """Many sequences in ONE message (a Batch) and one reply: {seq: its proposal, or the
+        DraftUnavailable its call would have raised}.
+
+        starts: (seq, prompt_ids, params, plan) as `start`'s arguments; outcomes: (seq, round,
+        accepted, token, plan) as `outcome`'s. Every sequence shares the one deadline.
+        """
+        out: dict[str, RemoteProposal | DraftUnavailable] = {}
+        batch, waits, stream = pb.Batch(), [], None
+        for seq, prompt_ids, params, plan in starts:
+            try:
+                stream, msg = self._open(seq, prompt_ids, params, plan)
+            except (DraftUnavailable, ValueError) as e:
+                out[seq] = e if isinstance(e, DraftUnavailable) else DraftUnavailable(str(e))
+                continue
+            batch.starts.append(msg)
+            waits.append((stream, seq, 0))
+        for seq, round, accepted, token, plan in outcomes:
+            st = self._seqs.get(seq)
+            if st is None:
+                out[seq] = DraftUnavailable(f"sequence {seq!r} is not open on the DraftClient to {self.address}")
+                continue
+            stream = st
+            batch.outcomes.append(pb.Outcome(seq=seq, round=int(round), accepted=int(accepted), token=int(token),
+                                             plan=plan_message(plan)))
+            waits.append((st, seq, int(round) + 1))
+        if stream is not None:
+            stream.send(pb.TargetMessage(batch=batch))
+        deadline = time.monotonic() + self._t(timeout)
+        for st, seq, rnd in waits:
+            try:
+                out[seq] = self._wait(st, seq, rnd, max(deadline - time.monotonic(), 0.0))
+            except DraftUnavailable as e:
+                out[seq] = e
+        return out
+
+    def _open(self, seq: str, prompt_ids, params, plan) -> tuple["_Stream", pb.Start]:
+        """Register a new sequence on the current stream (a new one if it broke): (stream, its Start)."""
         if isinstance(params, dict):
             params = spec_params(**params)
         with self._lock:
@@ -196,9 +240,8 @@ class DraftClient:
             self._seqs[seq] = stream
         with stream.lock:
             stream.queues[seq] = queue.Queue()
-        stream.send(pb.TargetMessage(start=pb.Start(seq=seq, prompt_ids=[int(t) for t in prompt_ids],
-                                                    params=params, plan=plan_message(plan))))
-        return self._wait(stream, seq, 0, self._t(timeout))
+        return stream, pb.Start(seq=seq, prompt_ids=[int(t) for t in prompt_ids], params=params,
+                                plan=plan_message(plan))
 
     def outcome(self, seq: str, round: int, accepted: int, token: int, timeout: float | None = None,
                 plan: KPlan | None = None, speculate: bool | None = None) -> RemoteProposal:
@@ -307,9 +350,13 @@ class RemoteDrafter(Drafter):
         self.seq = uuid.uuid4().hex
         self.timeout = timeout
         self.prop: RemoteProposal | None = None
+        self._failed: DraftUnavailable | None = None  # a batched Start's failure, raised by the next propose
         self.hits = self.misses = self.late_hits = 0
 
     def propose(self, seq, plan):
+        if self._failed is not None:
+            e, self._failed = self._failed, None
+            raise e
         if self.prop is None:
             self._take(self.client.start(self.seq, self.prompt, self.params, timeout=self.timeout, plan=plan), plan)
         d = list(self.prop.token_ids)
@@ -322,11 +369,59 @@ class RemoteDrafter(Drafter):
 
     def on_outcome(self, accepted, token, committed, plan):
         prop = self.client.outcome(self.seq, self.prop.round, accepted, token, timeout=self.timeout, plan=plan)
+        self._answered(prop, plan)
+
+    def _answered(self, prop: RemoteProposal, plan: KPlan) -> None:
         self._take(prop, plan)
         self.hits += prop.cache_hit
         self.late_hits += prop.cache_hit and prop.late
         self.misses += not prop.cache_hit
         self.last_hit = bool(prop.cache_hit)
+
+    @staticmethod
+    def _by_client(items) -> dict:
+        groups: dict[int, list] = {}
+        for n, it in enumerate(items):
+            groups.setdefault(id(it[0].client), []).append((n, it))
+        return groups
+
+    @staticmethod
+    def start_all(items):
+        """The Starts of drafters sharing a DraftClient in one Batch each; a failure is raised by
+        that drafter's next `propose`."""
+        for group in RemoteDrafter._by_client([it for it in items if it[0].prop is None]).values():
+            client = group[0][1][0].client
+            timeout = max((it[0].timeout or client.timeout) for _, it in group)
+            res = client.exchange(starts=[(d.seq, d.prompt, d.params, plan) for _, (d, _, plan) in group],
+                                  timeout=timeout)
+            for _, (d, _, plan) in group:
+                r = res[d.seq]
+                try:
+                    if isinstance(r, Exception):
+                        raise r
+                    d._take(r, plan)
+                except DraftUnavailable as e:
+                    d._failed = e
+
+    @staticmethod
+    def outcome_all(items):
+        """The outcomes of drafters sharing a DraftClient in one Batch each (one reply); per item None
+        or its DraftUnavailable."""
+        out: list[Exception | None] = [None] * len(items)
+        for group in RemoteDrafter._by_client(items).values():
+            client = group[0][1][0].client
+            timeout = max((it[0].timeout or client.timeout) for _, it in group)
+            res = client.exchange(outcomes=[(d.seq, d.prop.round, a, t, plan) for _, (d, a, t, _, plan) in group],
+                                  timeout=timeout)
+            for n, (d, _, _, _, plan) in group:
+                r = res[d.seq]
+                try:
+                    if isinstance(r, Exception):
+                        raise r
+                    d._answered(r, plan)
+                except DraftUnavailable as e:
+                    out[n] = e
+        return out
 
     def _take(self, prop: RemoteProposal, plan: KPlan) -> None:
         if len(prop.token_ids) > plan.k:

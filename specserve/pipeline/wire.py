@@ -14,9 +14,9 @@ from ..engine.speculative import KPlan
 from ..v1 import speculation_pb2 as pb
 
 __all__ = ["pb", "PROTOCOL", "spec_params", "session_kwargs", "plan_message", "plan_from", "proposal_message",
-           "error_message", "proposal_fields", "message_seq"]
+           "error_message", "proposal_fields", "message_seq", "unbatch", "replies_message"]
 
-PROTOCOL = 2  # InfoReply.protocol: the speculation protocol both sides speak (speculation.proto, "Version")
+PROTOCOL = 3  # InfoReply.protocol: the speculation protocol both sides speak (speculation.proto, "Version")
 
 
 def spec_params(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, k: int = K,
@@ -107,6 +107,31 @@ def error_message(seq: str, code: int, message: str) -> pb.DraftMessage:
 
 
 def message_seq(msg: pb.TargetMessage | pb.DraftMessage) -> str:
-    """The `seq` a message is about ("" when its oneof is empty)."""
+    """The `seq` a message is about ("" when its oneof is empty, or for a Batch / Replies of many)."""
     kind = msg.WhichOneof("kind")
-    return getattr(msg, kind).seq if kind else ""
+    return getattr(msg, kind).seq if kind and kind not in ("batch", "replies") else ""
+
+
+def unbatch(msg: pb.TargetMessage | pb.DraftMessage) -> list:
+    """A Batch's messages as single TargetMessages (stops, starts, outcomes), a Replies' as single
+    DraftMessages (proposals, errors); any other message as itself."""
+    kind = msg.WhichOneof("kind")
+    if kind == "batch":
+        b = msg.batch
+        return ([pb.TargetMessage(stop=m) for m in b.stops] + [pb.TargetMessage(start=m) for m in b.starts]
+                + [pb.TargetMessage(outcome=m) for m in b.outcomes])
+    if kind == "replies":
+        r = msg.replies
+        return [pb.DraftMessage(proposal=m) for m in r.proposals] + [pb.DraftMessage(error=m) for m in r.errors]
+    return [msg]
+
+
+def replies_message(replies: list) -> pb.DraftMessage:
+    """Single DraftMessages (proposals and errors) -> one DraftMessage.replies."""
+    out = pb.Replies()
+    for m in replies:
+        if m.WhichOneof("kind") == "proposal":
+            out.proposals.append(m.proposal)
+        elif m.WhichOneof("kind") == "error":
+            out.errors.append(m.error)
+    return pb.DraftMessage(replies=out)

@@ -8,14 +8,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TargetMessage(_message.Message):
-    __slots__ = ("start", "outcome", "stop")
+    __slots__ = ("start", "outcome", "stop", "batch")
     START_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     start: Start
     outcome: Outcome
     stop: Stop
-    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ...) -> None: ...
+    batch: Batch
+    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("starts", "outcomes", "stops")
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    STOPS_FIELD_NUMBER: _ClassVar[int]
+    starts: _containers.RepeatedCompositeFieldContainer[Start]
+    outcomes: _containers.RepeatedCompositeFieldContainer[Outcome]
+    stops: _containers.RepeatedCompositeFieldContainer[Stop]
+    def __init__(self, starts: _Optional[_Iterable[_Union[Start, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[Outcome, _Mapping]]] = ..., stops: _Optional[_Iterable[_Union[Stop, _Mapping]]] = ...) -> None: ...
 
 class Start(_message.Message):
     __slots__ = ("seq", "prompt_ids", "params", "plan")
@@ -86,12 +98,22 @@ class Stop(_message.Message):
     def __init__(self, seq: _Optional[str] = ...) -> None: ...
 
 class DraftMessage(_message.Message):
-    __slots__ = ("proposal", "error")
+    __slots__ = ("proposal", "error", "replies")
     PROPOSAL_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
     proposal: Proposal
     error: Error
-    def __init__(self, proposal: _Optional[_Union[Proposal, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    replies: Replies
+    def __init__(self, proposal: _Optional[_Union[Proposal, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., replies: _Optional[_Union[Replies, _Mapping]] = ...) -> None: ...
+
+class Replies(_message.Message):
+    __slots__ = ("proposals", "errors")
+    PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    proposals: _containers.RepeatedCompositeFieldContainer[Proposal]
+    errors: _containers.RepeatedCompositeFieldContainer[Error]
+    def __init__(self, proposals: _Optional[_Iterable[_Union[Proposal, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[Error, _Mapping]]] = ...) -> None: ...
 
 class Proposal(_message.Message):
     __slots__ = ("seq", "round", "token_ids", "q", "cache_hit", "draft_s", "late")

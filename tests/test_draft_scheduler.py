@@ -1,0 +1,160 @@
+"""The draft side of SSD at batch: `DraftScheduler` (engine level, no gRPC) and the Batch protocol."""
+
+import pytest
+import torch
+
+from specserve.engine.draft_scheduler import DraftScheduler
+from specserve.engine.sampling import SamplingParams
+from specserve.engine.speculative import KPlan
+from specserve.engine.ssd import DraftSession, StaleRound
+from specserve.pipeline.draft_server import BatchDraftService, Inbox, serve_batched
+from specserve.pipeline.remote_drafter import DraftClient
+from specserve.pipeline.wire import pb, spec_params
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 500, (n,), generator=g).tolist() for n in (1, 9, 40, 120)]
+
+
+def test_batched_proposals_equal_each_sequences_own_session(tiny, prompts):
+    """Four ragged sequences answered together, round after round (misses drafted in lockstep, hits
+    served from the tree): every proposal equals what a per-sequence DraftSession proposes for the
+    same outcomes, and the misses of a round share their forwards."""
+    lm = tiny["draft-random"]
+    sched = DraftScheduler(lm, max_seqs=4, max_model_len=256)
+    alone = {}
+    jobs = {}
+    for n, p in enumerate(prompts):
+        jobs[f"s{n}"] = sched.open(f"s{n}", p, k=3).first_program(KPlan(3, 3, 3))
+        alone[f"s{n}"] = DraftSession(lm, p, k=3)
+    props = sched.answer(jobs)
+    ref = {s: a.first_proposal(KPlan(3, 3, 3)) for s, a in alone.items()}
+    assert {s: p.token_ids for s, p in props.items()} == {s: p.token_ids for s, p in ref.items()}
+    g = torch.Generator().manual_seed(0)
+    hits = 0
+    for rnd in range(6):
+        if rnd % 2:  # speculate on odd rounds only: even rounds are all misses, odd ones mostly hits
+            while sched.speculating():
+                assert sched.speculate_step() == {}
+        f0 = sched.forwards
+        outs = {}
+        for s, prop in props.items():
+            j = int(torch.randint(0, len(prop.token_ids) + 1, (1,), generator=g))
+            # the draft's own next token at a rejection is a likely branch; a random one a sure miss
+            tok = int(torch.randint(3, 500, (1,), generator=g)) if rnd % 3 == 0 else None
+            outs[s] = (j, tok)
+        jobs = {}
+        for s, (j, tok) in outs.items():
+            sess = sched.sessions[s]
+            if tok is None:  # a likely outcome: the draft's own top token after j accepted
+                keys = [key for key in sess.table if key[1] == j]
+                tok = keys[0][2] if keys else 5
+                outs[s] = (j, tok)
+            jobs[s] = sess.outcome_program(rnd, j, tok, KPlan(3, 3, 3))
+        props = sched.answer(jobs)
+        for s, (j, tok) in outs.items():
+            want = alone[s].on_outcome(rnd, j, tok, KPlan(3, 3, 3))
+            assert props[s].token_ids == want.token_ids, (rnd, s)
+            hits += props[s].cache_hit
+        if rnd % 2 == 0:
+            assert sched.forwards - f0 <= 3  # 4 misses of k = 3: 3 forwards, not 12
+    assert hits >= 4
+
+
+def test_a_branch_is_what_a_just_in_time_draft_of_its_outcome_gives(tiny, prompts):
+    """The tree (branches over the shared prefix in one slot, at their true positions): for every
+    pre-drafted outcome (i, t), the branch's tokens equal a fresh draft after S + d_1..d_i + t."""
+    lm = tiny["draft-random"]
+    sched = DraftScheduler(lm, max_seqs=2, max_model_len=256, fanout_budget=6)
+    jobs = {"a": sched.open("a", prompts[2], k=4).first_program(KPlan(4, 3, 2)),
+            "b": sched.open("b", prompts[1], k=4).first_program(KPlan(4, 3, 2))}
+    sent = sched.answer(jobs)
+    while sched.speculating():
+        sched.speculate_step()
+    for s, p in (("a", prompts[2]), ("b", prompts[1])):
+        table = sched.sessions[s].table
+        assert len(table) == 6
+        for (rnd, i, t), (branch, final) in table.items():
+            fresh = DraftSession(lm, p + sent[s].token_ids[:i] + [t], k=4)
+            want = fresh.first_proposal(KPlan(len(branch.token_ids), 0, 0)).token_ids
+            assert rnd == 1 and branch.token_ids == want, (s, i, t)
+            assert len(branch.token_ids) == (3 if i == len(sent[s].token_ids) else 2)  # the plan's lengths
+
+
+def test_bad_messages_fail_only_their_sequence(tiny, prompts):
+    lm = tiny["draft-random"]
+    sched = DraftScheduler(lm, max_seqs=2, max_model_len=64)
+    sched.open("a", prompts[0], k=2)
+    with pytest.raises(ValueError, match="already open"):
+        sched.open("a", prompts[0])
+    sched.open("b", prompts[1], k=2)
+    with pytest.raises(ValueError, match="all 2 draft slots are in use .*--max-seqs"):
+        sched.open("c", prompts[0])
+    with pytest.raises(ValueError, match="k \\(draft length\\) must be between 1 and 64"):
+        DraftScheduler(lm, max_seqs=1).open("x", prompts[0], k=0)
+    sched.close("b")
+    res = sched.answer({"a": sched.sessions["a"].first_program(None),
+                        "c": sched.open("c", prompts[3], k=2).first_program(None)})  # 120 tokens > 64
+    assert len(res["a"].token_ids) == 2
+    assert isinstance(res["c"], ValueError) and "max_model_len=64: start the worker with a larger" in str(res["c"])
+    with pytest.raises(StaleRound, match="current round is 0"):
+        sched.sessions["a"].outcome_program(3, 0, 1, None)
+    with pytest.raises(ValueError, match="accepted must be in \\[0, 2\\]"):
+        sched.sessions["a"].outcome_program(0, 5, 1, None)
+
+
+def _start(seq, prompt, k=2, **kw):
+    return pb.Start(seq=seq, prompt_ids=prompt, params=spec_params(k=k, **kw))
+
+
+def test_a_batch_gets_one_reply_with_a_proposal_or_an_error_per_sequence(tiny, prompts):
+    svc = BatchDraftService(tiny["draft-same"], max_seqs=4, max_model_len=256)
+    first = svc.handle(pb.TargetMessage(batch=pb.Batch(starts=[_start("a", prompts[1]), _start("b", prompts[2]),
+                                                              _start("", prompts[0])])))
+    assert len(first) == 1 and first[0].WhichOneof("kind") == "replies"
+    r = first[0].replies
+    assert sorted(p.seq for p in r.proposals) == ["a", "b"] and [e.code for e in r.errors] == [pb.Error.INVALID_ARGUMENT]
+    while svc.speculating():
+        svc.speculate_step()
+    props = {p.seq: p for p in r.proposals}
+    # a perfect draft: all accepted, its own next token is the bonus: both hit
+    nxt = svc.handle(pb.TargetMessage(batch=pb.Batch(outcomes=[
+        pb.Outcome(seq=s, round=0, accepted=len(props[s].token_ids),
+                   token=next(t for (_, i, t) in svc.sessions[s].table if i == len(props[s].token_ids)))
+        for s in ("a", "b")] + [pb.Outcome(seq="zz", round=0, accepted=0, token=1)])))
+    r = nxt[0].replies
+    assert all(p.cache_hit and p.round == 1 for p in r.proposals) and len(r.proposals) == 2
+    assert [(e.seq, e.code) for e in r.errors] == [("zz", pb.Error.UNKNOWN_SEQUENCE)]
+    assert svc.stats()["hits"] == 2 and svc.stats()["hit_answers"] == 2
+
+
+def test_serve_batched_answers_what_arrived_together_in_one_run(tiny, prompts):
+    """Single messages waiting in the inbox are answered together (one lockstep run)."""
+    svc = BatchDraftService(tiny["draft-random"], max_seqs=4, max_model_len=256)
+    inbox = Inbox()
+    for n, p in enumerate(prompts):
+        inbox.put(pb.TargetMessage(start=_start(f"s{n}", p, k=3, speculate=False)))
+    inbox.close()
+    out = list(serve_batched(svc, inbox))
+    assert sorted(m.proposal.seq for m in out) == ["s0", "s1", "s2", "s3"]
+    assert svc.scheduler.forwards == 3  # 4 Starts of k = 3: 3 batched forwards
+
+
+def test_the_client_exchanges_a_batch_over_a_real_stream(tiny, prompts):
+    from specserve.pipeline.draft_server import serve
+
+    server = serve(tiny["draft-same"], port=0)
+    try:
+        assert server.servicer.batched
+        with DraftClient(server.address, timeout=20) as client:
+            res = client.exchange(starts=[("a", prompts[1], spec_params(k=3), KPlan(3, 3, 3)),
+                                          ("b", prompts[2], spec_params(k=3), KPlan(2, 3, 3))])
+            assert len(res["a"].token_ids) == 3 and len(res["b"].token_ids) == 2
+            res2 = client.exchange(outcomes=[("a", 0, 3, 1, KPlan(1, 1, 1)), ("b", 4, 0, 1, KPlan(1, 1, 1))])
+            assert res2["a"].round == 1 and len(res2["a"].token_ids) == 1
+            assert "STALE_ROUND" in str(res2["b"])
+            assert server.servicer.stats()["errors"] == 1
+    finally:
+        server.stop(grace=None)
