@@ -3,7 +3,8 @@
 Its methods carry the names of `specserve.v1.SpecServe`'s RPCs; each is a thin wrapper over
 `specserve.serving.router.RouterCore` that turns an `ApiError` into the gRPC status and records
 Prometheus metrics (deployments/metrics.py). Sessions are routed to the target replica holding their
-KV prefix with Serve's model multiplexing (`multiplexed_model_id=session_id`).
+KV prefix with Serve's model multiplexing (`multiplexed_model_id=session_id`): their turns, and the
+`forget_session` call that frees that KV when the session is deleted or expired.
 """
 
 from __future__ import annotations
@@ -29,6 +30,20 @@ def _stats(msg) -> pb.Stats | None:
     return msg.stats if msg is not None and msg.HasField("stats") else None
 
 
+class _TargetHandle:
+    """RouterCore's target over the TargetDeployment handle; a session's calls carry
+    `multiplexed_model_id=session_id`, so they reach the replica holding its KV (best effort)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __call__(self, params: GenParams, session_id: str) -> AsyncIterator[dict]:
+        return self.handle.options(stream=True, multiplexed_model_id=session_id).generate.remote(params)
+
+    async def forget_session(self, session_id: str) -> bool:
+        return await self.handle.options(multiplexed_model_id=session_id).forget_session.remote(session_id)
+
+
 def _fail(context, e: ApiError) -> None:
     if context is not None:
         context.set_code(getattr(grpc.StatusCode, e.code))
@@ -50,7 +65,7 @@ class Router(OpenAIRoutes, HealthRoutes):
                              default_mode=cfg.default_mode)
         self.target = target
         self.store = open_store(cfg.resolved_redis_url(), cfg.session_ttl_s)
-        self.core = RouterCore(self.store, self._target, self.limits, retries=cfg.retry.attempts,
+        self.core = RouterCore(self.store, _TargetHandle(target), self.limits, retries=cfg.retry.attempts,
                                backoff_s=cfg.retry.backoff_s, max_backoff_s=cfg.retry.max_backoff_s)
         self.metrics = Metrics(self.model_name)
         self.auth_token = cfg.resolved_auth_token()
@@ -58,10 +73,6 @@ class Router(OpenAIRoutes, HealthRoutes):
     def _check_auth(self, grpc_context) -> None:
         md = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
         check_bearer(self.auth_token, md.get("authorization"))
-
-    def _target(self, params: GenParams, session_id: str) -> AsyncIterator[dict]:
-        handle = self.target.options(stream=True, multiplexed_model_id=session_id)
-        return handle.generate.remote(params)
 
     async def _unary(self, method: str, call, empty, grpc_context):
         t0, code, out = time.perf_counter(), "OK", None

@@ -7,6 +7,8 @@ one speculation stream. A request sent with `multiplexed_model_id=session_id` is
 turn: Serve's model multiplexing routes a session back to the replica that already holds its KV
 prefix (a parked engine slot; at most `target.session_cache_size` sessions per replica, least
 recently used dropped first); any other replica re-prefills from the history the router sends.
+`forget_session(session_id)` (the router calls it, routed the same way, when a session is deleted
+or expired) frees the session's parked slot and its per-sequence cache on this replica.
 A request longer than `target.max_model_len` runs per sequence in a thread pool. Either way a
 cancelled request stops after its current round. After each round of its engine (and twice a
 second while it idles) the replica records its batch size, k and queue length
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
@@ -33,8 +36,16 @@ from .metrics import EngineMetrics
 log = logging.getLogger("ray.serve")
 
 
-async def _new_session_cache(session_id: str) -> SessionCache:
-    return SessionCache(key=session_id)
+def _session_loader(sessions: "weakref.WeakValueDictionary[str, SessionCache]"):
+    """What Serve's model multiplexing calls for a session id this replica does not hold: a new
+    SessionCache (key = the session id), recorded in `sessions` too, weakly (the multiplexing LRU
+    owns it), so that `forget_session` finds it without loading one (that could evict another)."""
+
+    async def _new_session_cache(session_id: str) -> SessionCache:
+        session = sessions[session_id] = SessionCache(key=session_id)
+        return session
+
+    return _new_session_cache
 
 
 @serve.deployment(name="TargetDeployment")
@@ -56,8 +67,9 @@ class TargetDeployment:
                                           on_step=EngineMetrics(cfg.served_model_name()))
         self.pool = ThreadPoolExecutor(max_workers=cfg.replicas.max_ongoing_requests + 1,
                                        thread_name_prefix="target")
+        self.sessions: weakref.WeakValueDictionary[str, SessionCache] = weakref.WeakValueDictionary()
         self.session_cache = serve.multiplexed(max_num_models_per_replica=cfg.session_cache_size)(
-            _new_session_cache)
+            _session_loader(self.sessions))
         self.timeout = cfg.draft_timeout_s
 
     async def _ensure_draft(self) -> None:
@@ -78,6 +90,13 @@ class TargetDeployment:
             await self._ensure_draft()
         async for chunk in self.replica_core.generate(params, session, self.pool):
             yield chunk
+
+    async def forget_session(self, session_id: str) -> bool:
+        """A session was deleted or expired: free its parked engine slot and its per-sequence KV
+        cache here. True if this replica held either. Never loads a session cache: its (now empty)
+        entry in Serve's LRU ages out with the others."""
+        session = self.sessions.get(session_id) or SessionCache(key=session_id)  # the engine key is the id
+        return await self.replica_core.forget_session(session)
 
     async def stats(self) -> dict:
         """This replica: its id, the sequences streaming now, whether it holds a draft link, its RSS."""

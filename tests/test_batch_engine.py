@@ -166,6 +166,27 @@ def test_a_session_key_parks_its_slot_and_the_next_turn_keeps_the_common_prefix(
     assert eng.drop_parked("s1") and not eng.drop_parked("s1") and eng.trun.cache.num_free == 2
 
 
+def test_drop_parked_unkeys_a_running_or_waiting_request_so_nothing_is_parked(tiny, prompts):
+    """A session deleted while its turn runs (or waits): the turn frees its slot when it ends."""
+    target = tiny["target"]
+    eng = engine(tiny, "draft-random", slots=1)
+    run_id = eng.add(Request(prompts[1], N_NEW, spec=spec("sd"), cache_key="s1"))
+    wait_id = eng.add(Request(prompts[4], N_NEW, spec=spec("ar"), cache_key="s2"))  # no slot for it yet
+    got = {run_id: [], wait_id: []}
+    for rid, chunk in eng.step():
+        got[rid].extend(chunk.token_ids)
+    assert eng.seqs[run_id].slot is not None and eng.seqs[wait_id].slot is None
+    assert not eng.drop_parked("s1") and not eng.drop_parked("s2")  # nothing parked yet: both un-keyed
+    while eng.has_work():
+        for rid, chunk in eng.step():
+            got[rid].extend(chunk.token_ids)
+    assert got[run_id] == ar_reference(target, prompts[1]) and got[wait_id] == ar_reference(target, prompts[4])
+    assert not eng.parked and eng.trun.cache.num_free == 1 and eng.drun.cache.num_free == 1
+    # the same key afterwards parks again (the key is not banned, only what it held is forgotten)
+    run_to_completion(eng, [Request(prompts[1], 4, spec=spec("sd"), cache_key="s1")])
+    assert list(eng.parked) == ["s1"]
+
+
 def test_slot_cache_does_not_grow_over_200_requests(tiny):
     eng = engine(tiny, "draft-random", slots=8, max_queue_len=256)
     caches = (eng.trun.cache, eng.drun.cache)

@@ -28,7 +28,10 @@ finishes: the slot keeps the KV of its prompt + output in both caches. The next 
 key takes the parked slot and keeps its longest common prefix with the new prompt (rollback =
 writing the lengths; nothing is copied), so a continued conversation prefills only its new
 message (`Stats.prefix_reused`). Parked slots count as free for admission: when a request needs a
-slot and none is free, the least recently parked one is dropped.
+slot and none is free, the least recently parked one is dropped. `drop_parked(key)` forgets a key
+at once (the server calls it, through its engine loop, when the session is deleted or expired):
+its parked slot is freed, and a request still running or waiting with that key frees its slot
+when it ends instead of parking it.
 The output is what the target alone produces (greedy: token-identical; sampled: the same law).
 An ssd row's drafter that raises DraftUnavailable is dropped: the row goes on as ar, exact, and
 `stats.fallback` says why; the other rows never wait for it past its own deadline.
@@ -236,7 +239,12 @@ class Engine:
             self.drun.cache.free(slot)
 
     def drop_parked(self, key: str) -> bool:
-        """Free a parked slot now (its session was deleted); False when the key holds none."""
+        """Forget a cache key now (its session was deleted): free its parked slot, and un-key the
+        requests running or waiting with it (they free their slot when they end, nothing is parked).
+        True when a parked slot was freed."""
+        for s in self.seqs.values():
+            if s.cache_key == key:
+                s.cache_key = None
         parked = self.parked.pop(key, None)
         if parked is not None:
             self._free_slot(parked[0])

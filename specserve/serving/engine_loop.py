@@ -3,11 +3,14 @@
     loop = EngineLoop(engine, on_step=hook)          # starts the loop thread
     async for chunk, stats in loop.stream(request):  # from any asyncio event loop; stats on the last
         ...
+    await asyncio.wrap_future(loop.drop_parked(key))  # a deleted session's parked slot, freed
     loop.close()
 
 Requests enter as `add` (through a thread-safe inbox the loop drains between rounds, so the
 engine is only ever touched by its own thread) and their chunks come back through a per-request
-asyncio queue. A consumer that stops early (a cancelled or disconnected client) aborts its
+asyncio queue. `drop_parked(key)` goes through the same inbox: `Engine.drop_parked` runs between
+two rounds, and the returned future says whether a parked slot was freed (it fails once the loop
+is closed). A consumer that stops early (a cancelled or disconnected client) aborts its
 request: the engine frees the slot at the next round boundary. A request the engine refuses
 (a bad prompt, a full queue) raises from `stream` before any chunk. `on_step(engine)` runs on the
 loop thread after each step's chunks are out, and every `idle_s` while idle (a replica's metrics
@@ -24,6 +27,7 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from typing import AsyncIterator, Callable
 
 from ..engine.engine import Engine
@@ -55,7 +59,8 @@ class EngineLoop:
     def __init__(self, engine: Engine, idle_s: float = 0.5, on_step: Callable[[Engine], None] | None = None):
         self.engine = engine
         self.on_step = on_step
-        self._inbox: collections.deque = collections.deque()  # ("add", Request, _Waiter) | ("abort", id)
+        # ("add", Request, _Waiter) | ("abort", id) | ("drop", cache key, Future)
+        self._inbox: collections.deque = collections.deque()
         self._waiters: dict[str, _Waiter] = {}
         self._wake = threading.Event()
         self._closed = False
@@ -68,6 +73,19 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._inbox.append(("abort", request_id))
         self._wake.set()
+
+    def drop_parked(self, key: str) -> Future:
+        """Forget a cache key (a deleted session's) between rounds: `Engine.drop_parked` on the loop
+        thread. The future's result: whether a parked slot was freed; RuntimeError once closed."""
+        done: Future = Future()
+        if self._closed:
+            done.set_exception(RuntimeError("the engine loop is closed"))
+            return done
+        self._inbox.append(("drop", key, done))
+        self._wake.set()
+        if self._closed and not self._thread.is_alive():  # nobody will drain it any more
+            self._refuse_inbox()
+        return done
 
     def close(self) -> None:
         self._closed = True
@@ -113,6 +131,19 @@ class EngineLoop:
             if msg[0] == "abort":
                 self.engine.abort(msg[1])
                 continue
+            if msg[0] == "drop":  # done even when its caller stopped waiting (a cancelled future)
+                _, key, done = msg
+                try:
+                    freed, error = self.engine.drop_parked(key), None
+                except Exception as e:  # a bug: its caller gets it, the loop goes on
+                    freed, error = False, e
+                if not done.set_running_or_notify_cancel():
+                    continue
+                if error is not None:
+                    done.set_exception(error)
+                else:
+                    done.set_result(freed)
+                continue
             _, request, waiter = msg
             try:
                 rid = self.engine.add(request)
@@ -141,6 +172,20 @@ class EngineLoop:
                 self._deliver(rid, chunk)
             self._after_step()
         self._fail_all(RuntimeError("the engine loop was closed"))
+        self._refuse_inbox()
+
+    def _refuse_inbox(self) -> None:
+        """After the loop ended: what is still in the inbox fails (nothing waits for an answer forever)."""
+        e = RuntimeError("the engine loop is closed")
+        while self._inbox:
+            try:
+                msg = self._inbox.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            if msg[0] == "add":
+                msg[2].put(e)
+            elif msg[0] == "drop" and msg[2].set_running_or_notify_cancel():
+                msg[2].set_exception(e)
 
     def _after_step(self) -> None:
         if self.on_step is None:

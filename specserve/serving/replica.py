@@ -19,6 +19,9 @@ round ({token_ids, text, finish_reason}, the last with the stats). A request run
     4. generate  -- the engine's per-sequence loop; the last chunk carries the stats
     5. keep      -- the session cache is left holding prompt + output (for the next turn)
 
+`forget_session(session)` drops what the replica keeps for a session that is gone (deleted or
+expired): its parked engine slot (freed between two rounds by the engine loop) and its own KV cache.
+
 A request with `resume_ids` (the router resuming a generation whose replica failed) continues
 from prompt + those committed output tokens either way: they are prefilled as context and count
 in the budget, the stop strings and the stats' `new_tokens`; the text goes on from `resume_text`.
@@ -110,6 +113,17 @@ class TargetReplica:
     def active(self) -> int:
         """Requests running or queued now, both ways (tests watch cancellation through this)."""
         return self._streaming + (self.loop.active if self.loop is not None else 0)
+
+    async def forget_session(self, session: SessionCache) -> bool:
+        """Drop what this replica keeps for a deleted (or expired) session: its parked engine slot,
+        freed between two rounds on the loop thread (a turn of it still running frees its slot when
+        it ends), and its per-sequence KV cache. True if either held something."""
+        had_kv = session.kv is not None
+        session.kv, session.ids = None, []  # a per-sequence turn running now keeps its own reference
+        dropped = False
+        if self.loop is not None:
+            dropped = await asyncio.wrap_future(self.loop.drop_parked(session.key))
+        return dropped or had_kv
 
     # ------------------------------------------------------------------ draft link
 

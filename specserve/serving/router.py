@@ -4,7 +4,11 @@
 DeleteSession with protobuf replies or an `ApiError` (status code name + message). `target` is
 any async callable `(GenParams, session_id) -> async iterator of chunk dicts` -- in the server a
 Ray Serve handle call that routes a session to the replica holding its KV prefix, in tests a
-`TargetReplica` in this process.
+`TargetReplica` in this process. It may also have `async forget_session(session_id)`: called,
+routed like the session's turns, when the store has deleted the session (DeleteSession) or says it
+is gone (expired), so the replica frees the session's parked KV slot now rather than when evicted.
+It is best effort: a target without it, or one that fails or takes over `forget_timeout_s`, is
+logged and the call goes on.
 
 A Chat turn, step by step:
   1. validate the request and the session's token; no session_id -> create a session (with the
@@ -77,9 +81,11 @@ class RouterCore:
     once chunks went out. A chunk from the new replica resets the count."""
 
     def __init__(self, store: SessionStore, target: TargetCall, limits: Limits | None = None,
-                 lease_s: float = 600.0, retries: int = 6, backoff_s: float = 0.25, max_backoff_s: float = 4.0):
+                 lease_s: float = 600.0, retries: int = 6, backoff_s: float = 0.25, max_backoff_s: float = 4.0,
+                 forget_timeout_s: float = 5.0):
         self.store, self.target, self.limits, self.lease_s = store, target, limits or Limits(), lease_s
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.forget_timeout_s = forget_timeout_s
         self._key: bytes | None = None
 
     async def _session_key(self) -> bytes:
@@ -91,6 +97,17 @@ class RouterCore:
         check_session_id(session_id)
         check_session_token(await self._session_key(), session_id, token)
         return session_id
+
+    async def _forget(self, sid: str) -> None:
+        """Best effort: the target frees what it keeps for a session that is gone (module docstring)."""
+        forget = getattr(self.target, "forget_session", None)
+        if forget is None:  # a target that keeps nothing per session (or an old one): LRU eviction frees it
+            return
+        try:
+            await asyncio.wait_for(forget(sid), self.forget_timeout_s)
+        except Exception as e:
+            log.warning("session %r is gone but the target did not free its KV (it stays until evicted): %s: %s",
+                        sid, type(e).__name__, e)
 
     async def _stream(self, p: GenParams, sid: str) -> AsyncIterator[dict]:
         """The target's chunks of one generation, across target failures (see the module docstring).
@@ -208,6 +225,8 @@ class RouterCore:
             turn = await self.store.begin_turn(sid, message, self.lease_s)  # 2.
             session = await self.store.get(sid)
         except SessionError as e:
+            if isinstance(e, SessionNotFound):  # expired (or deleted): the target may still hold its KV
+                await self._forget(sid)
             raise store_error(e) from None
         if messages is None:
             turns = session.turns[:-1] if session.busy and session.turns[-1].role == "assistant" else session.turns
@@ -233,16 +252,27 @@ class RouterCore:
                 await self.store.set_replica(sid, replica)
         except SessionError as e:
             log.warning("could not end turn of session %r: %s", sid, e)
+            if isinstance(e, SessionNotFound):  # deleted or expired during the turn: this turn parked its KV
+                await self._forget(sid)
 
     async def get_session(self, req: pb.GetSessionRequest) -> pb.Session:
+        sid = ""
         try:
-            return session_message(await self.store.get(await self._authorize(req.session_id, req.session_token)))
+            sid = await self._authorize(req.session_id, req.session_token)
+            return session_message(await self.store.get(sid))
         except SessionError as e:
+            if sid and isinstance(e, SessionNotFound):  # expired: the target may still hold its KV
+                await self._forget(sid)
             raise store_error(e) from None
 
     async def delete_session(self, req: pb.DeleteSessionRequest) -> pb.DeleteSessionReply:
+        """The store deletes the session; then the target frees its KV (best effort, see _forget).
+
+        Also when the store had no such session (it expired): a replica may still hold its KV."""
         try:
             sid = await self._authorize(req.session_id, req.session_token)
-            return pb.DeleteSessionReply(deleted=await self.store.delete(sid))
+            deleted = await self.store.delete(sid)
         except SessionError as e:
             raise store_error(e) from None
+        await self._forget(sid)
+        return pb.DeleteSessionReply(deleted=deleted)
