@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from specserve.engine.defaults import DRAFT_MAX_LEN, DRAFT_SLOTS
 from specserve.serving.api import Limits
 
 __all__ = ["Replicas", "TargetConfig", "DraftConfig", "LimitsConfig", "RetryConfig", "AppConfig"]
@@ -136,6 +137,11 @@ class DraftConfig(_Strict):
     """Interface the speculation gRPC server binds to; targets connect to this node's IP."""
     port: int = Field(0, ge=0, le=65535)
     """Port of the speculation gRPC server (0: any free port, reported to the targets)."""
+    max_seqs: int = Field(DRAFT_SLOTS, ge=1)
+    """Sequences one speculation stream (one per target replica) holds at once: at least
+    target.max_num_seqs, or the rows past it run without the draft."""
+    max_model_len: int = Field(DRAFT_MAX_LEN, ge=16)
+    """Tokens one draft slot holds (prompt + output); a longer sequence finishes without the draft."""
     replicas: Replicas = Replicas()
     """Scaling and resources of the draft deployment."""
 
@@ -204,6 +210,10 @@ class AppConfig(_Strict):
             raise ValueError(f"limits.default_mode is {mode} but there is no draft: set draft or use ar")
         if mode == "sd" and not self.target.local_draft:
             raise ValueError("limits.default_mode is sd but target.local_draft is false: turn it on or use ssd")
+        if self.draft is not None and self.draft.max_seqs < self.target.max_num_seqs:
+            raise ValueError(f"draft.max_seqs ({self.draft.max_seqs}) is below target.max_num_seqs "
+                             f"({self.target.max_num_seqs}): a full batch of ssd rows would not fit the draft's "
+                             f"slots; raise draft.max_seqs to at least {self.target.max_num_seqs}")
         return self
 
     @property

@@ -22,7 +22,8 @@ class DraftDeployment:
         cfg = DraftConfig.model_validate(config)
         self.lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, quantize=cfg.quantize, tokenizer=False,
                              device=cfg.device)
-        self.server = serve_speculation(self.lm, port=cfg.port, threads=cfg.threads, host=cfg.host)
+        self.server = serve_speculation(self.lm, port=cfg.port, threads=cfg.threads, host=cfg.host,
+                                        max_seqs=cfg.max_seqs, max_model_len=cfg.max_model_len)
         host, port = self.server.address.rsplit(":", 1)
         if host in ("0.0.0.0", "::", "[::]"):  # bound to every interface: advertise this node's IP
             host = ray.util.get_node_ip_address()

@@ -115,3 +115,41 @@ def test_ssd_sampling_at_batch_4_keeps_the_targets_law():
             counts[ids[0] * V + ids[1]] += 1
     assert counts.sum() == 600 and eng.stats.to_dict(eng)["mean_batch"] > 2
     assert chi2_pvalue(counts, exact_two_token_law(target.model, [1, 2, 3], sp)) > 1e-3
+
+
+def test_the_policy_answers_misses_without_drafts_when_a_jit_draft_would_stall_the_batch(tiny, draft_clients, prompts):
+    """`scheduler.ssd_miss_k`: with a draft step as dear as a verify, a miss is answered at once with no
+    drafts (KPlan.miss_k = 0: that row decodes plainly for a round); with a cheap one a miss is drafted
+    just in time. Both stay exact."""
+    from specserve.engine.scheduler import CostModel, LinearCost
+
+    class Fixed(LinearCost):  # the given costs, not what the tiny models measure
+        def observe(self, tokens, seconds):
+            pass
+
+    target = tiny["target"]
+    refs = [ar_reference(target, p, N_NEW) for p in prompts[:4]]
+    seen = {}
+    for name, draft_s in (("dear", 1.0), ("cheap", 0.001)):
+        cost = CostModel(Fixed(1.0, 0.0), Fixed(draft_s, 0.0))
+        eng = Engine(target, tiny["draft-random"], max_num_seqs=4, max_model_len=512, cost=cost)
+        res = run_to_completion(eng, [ssd_request(draft_clients[d], target, p, k=3)
+                                      for d, p in zip(("draft-same", "draft-random") * 2, prompts[:4])])
+        assert [r[0] for r in res.values()] == refs, name
+        seen[name] = (eng.stats.miss_k_rounds, [r[2].stats for r in res.values()])
+    dear, cheap = seen["dear"], seen["cheap"]
+    # cheap: the rows' k (3), less where the budget cuts it (a random draft's misses are worth nothing)
+    assert set(dear[0]) == {0} and max(cheap[0], key=cheap[0].get) == 3, (dear[0], cheap[0])
+    # the random drafts' misses: answered with no drafts (those rows decoded plainly) when dear
+    dear_drafts, cheap_drafts = (sum(st.draft_tokens for st in x[1][1::2]) for x in (dear, cheap))
+    assert dear_drafts < cheap_drafts and all(st.cache_misses > 0 for st in dear[1][1::2]), (dear_drafts, cheap_drafts)
+
+
+def test_ssd_miss_k_weighs_the_batchs_wait_against_the_missed_rows_gain():
+    from specserve.engine.scheduler import CostModel, LinearCost, ssd_miss_k
+
+    cost = CostModel(LinearCost(1.0, 0.0), LinearCost(0.05, 0.0))  # a draft step is 5% of a verify
+    assert ssd_miss_k(cost, 5, [], [(0.8, 4, 0.7)]) == 4  # batch 1: the miss's draft pays
+    assert ssd_miss_k(cost, 160, [2.5] * 31, [(0.8, 4, 0.7)]) == 0  # batch 32: 31 rows would wait for it
+    assert ssd_miss_k(CostModel(LinearCost(1.0, 0.0), None), 5, [], [(0.8, 4, 0.7)]) is None
+    assert ssd_miss_k(cost, 5, [], [(0.8, 4, 1.0)]) == 4  # never a miss: nothing to save, keep k

@@ -158,3 +158,24 @@ def test_the_client_exchanges_a_batch_over_a_real_stream(tiny, prompts):
             assert server.servicer.stats()["errors"] == 1
     finally:
         server.stop(grace=None)
+
+
+def test_miss_k_0_answers_a_miss_at_once_and_a_hit_in_full(tiny, prompts):
+    lm = tiny["draft-same"]
+    sched = DraftScheduler(lm, max_seqs=2, max_model_len=256)
+    first = sched.answer({"a": sched.open("a", prompts[2], k=3).first_program(KPlan(3, 3, 3)),
+                          "b": sched.open("b", prompts[1], k=3).first_program(KPlan(3, 3, 3))})
+    while sched.speculating():
+        sched.speculate_step()
+    bonus = next(t for (_, i, t) in sched.sessions["a"].table if i == 3)
+    f0 = sched.forwards
+    plan = KPlan(3, 3, 3, miss_k=0)
+    res = sched.answer({"a": sched.sessions["a"].outcome_program(0, 3, bonus, plan),  # pre-drafted: a hit
+                        "b": sched.sessions["b"].outcome_program(0, 0, 499, plan)})  # not pre-drafted: a miss
+    assert res["a"].cache_hit and len(res["a"].token_ids) == 3
+    assert not res["b"].cache_hit and res["b"].token_ids == [] and sched.forwards == f0
+    assert len(first["b"].token_ids) == 3
+    # the empty proposal's round: the speculation for it covers the bonus position only
+    while sched.speculating():
+        sched.speculate_step()
+    assert {i for (_, i, _) in sched.sessions["b"].table} == {0}

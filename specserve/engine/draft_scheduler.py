@@ -155,14 +155,15 @@ class SlotSession(DraftSession):
         self.table, self.rows, self.plan = {}, [], plan
         if entry is None:
             self.misses += 1
-            return self._jit(n)
+            return self._jit(plan.jit(n))
         prop, final = entry
         self.hits += 1
-        if len(prop.token_ids) >= n or final:
+        m = max(len(prop.token_ids), plan.jit(n))  # a branch shorter than asked is drawn on, to miss_k at most
+        if len(prop.token_ids) >= m or final:
             self.sent = prop.cut(n)
             return self.sent
         self.late_hits += 1
-        return self._jit(n, prop)  # a branch shorter than asked: drawn on after its last token
+        return self._jit(m, prop)
 
     def wants_speculation(self) -> bool:
         return (self.speculating and self.sent is not None and self.spec_round != self.round + 1
@@ -184,6 +185,10 @@ class SlotSession(DraftSession):
         t0 = time.perf_counter()
         d = list(prefix.token_ids) if prefix else []
         qi, qp = (list(prefix.q_ids), list(prefix.q_probs)) if prefix else ([], [])
+        if n == 0 and not d:  # nothing to draft (miss_k = 0, or the budget): answer with no forward
+            self.rows = []
+            self.sent = Proposal(self.round, [])
+            return self.sent
         self.rows = list((yield from self._feed(self.seq + d, len(d) + 1)))
         logits = self.rows[-1]
         while len(d) < n:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,7 +58,7 @@ from .device import Clock, draw, synchronize, to_device
 from .lm import LM, check_pair
 from .runner import make_runner
 from .sampling import batched_rejection_sample, warp_rows
-from .scheduler import CostModel, KPolicy, LinearCost, MeasuredCost, Scheduler
+from .scheduler import CostModel, KPolicy, LinearCost, MeasuredCost, Scheduler, expected_tokens, ssd_miss_k
 from .sequence import Request, Sequence
 from .speculative import Chunk, DraftUnavailable, KPlan
 
@@ -77,6 +77,7 @@ class EngineStats:
     last_batch: int = 0  # rows of the latest round
     draft_s: float = 0.0
     verify_s: float = 0.0
+    miss_k_rounds: dict = field(default_factory=dict)  # KPlan.miss_k -> rounds whose ssd rows were told it
 
     def to_dict(self, engine: "Engine") -> dict:
         r = max(self.rounds, 1)
@@ -86,14 +87,15 @@ class EngineStats:
                 "mean_drafts_per_row": round(self.draft_tokens / max(self.row_rounds, 1), 3),
                 "acceptance_rate": round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else 0.0,
                 "committed_tokens": self.committed_tokens, "draft_s": round(self.draft_s, 4),
-                "verify_s": round(self.verify_s, 4), **engine.capacity()}
+                "verify_s": round(self.verify_s, 4), "miss_k_rounds": dict(sorted(self.miss_k_rounds.items())),
+                **engine.capacity()}
 
 
 class Engine:
     def __init__(self, target: LM, draft: LM | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
                  max_queue_len: int = 64, k_max: int = 8, k_init: int = 4, hysteresis: float = 0.05,
                  max_prefill_tokens: int = 4096, native: bool | None = None, probe: bool = True,
-                 cost: CostModel | None = None):
+                 cost: CostModel | None = None, ssd_skip_misses: bool = True):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         limit = min(target.max_len, draft.max_len) if draft is not None else target.max_len
@@ -104,6 +106,7 @@ class Engine:
         if draft is not None:
             check_pair(target, draft)
         self.target, self.draft, self.max_model_len = target, draft, max_model_len
+        self.ssd_skip_misses = ssd_skip_misses  # let the policy answer ssd misses without drafts (KPlan.miss_k)
         self.trun = make_runner(target.model, max_num_seqs, max_model_len, native)
         self.drun = make_runner(draft.model, max_num_seqs, max_model_len, native) if draft is not None else None
         self.device = self.trun.cache.device
@@ -290,9 +293,12 @@ class Engine:
         groups: dict[type, list] = {}
         for t in tells:
             groups.setdefault(type(t[0].drafter), []).append(t)
+        miss_k = self._miss_k(tells)
+        if miss_k is not None:
+            self.stats.miss_k_rounds[miss_k] = self.stats.miss_k_rounds.get(miss_k, 0) + 1
         for kind, group in groups.items():
             t0 = time.perf_counter()
-            errors = kind.outcome_all([(s.drafter, a, tok, c, KPlan(s.draft_len(0), s.ssd_k, s.ssd_k))
+            errors = kind.outcome_all([(s.drafter, a, tok, c, KPlan(s.draft_len(0), s.ssd_k, s.ssd_k, miss_k))
                                        for s, a, tok, c in group])
             wait = time.perf_counter() - t0  # every row of the group waits for the one reply
             for (s, *_), err in zip(group, errors):
@@ -306,6 +312,21 @@ class Engine:
                 else:
                     st.miss_wait_s += wait
                 st.cache_hits, st.cache_misses, st.late_hits = dr.hits, dr.misses, dr.late_hits
+
+    def _miss_k(self, tells) -> int | None:
+        """KPlan.miss_k for this round's ssd rows (`scheduler.ssd_miss_k`), from the draft model's
+        measured step cost, each row's acceptance and its hit rate (hits + 3 over tries + 4: a prior
+        of 0.75); None (always draft a miss) when the engine has no draft model to price it with, or
+        `ssd_miss_k` is off."""
+        if not self.ssd_skip_misses or self.drun is None:
+            return None
+        ssd = {s.id for s, *_ in tells}
+        others = [expected_tokens(s.acceptance, s.draft_len(self.policy.k)) for s in self.seqs.values()
+                  if s.slot is not None and s.id not in ssd and not s.finish_reason]
+        rows = [(s.acceptance, s.draft_len(0), (s.drafter.hits + 3) / (s.drafter.hits + s.drafter.misses + 4))
+                for s, *_ in tells]
+        base = sum(k + 1 for _, k, _ in rows) + sum(1 + self.policy.k for _ in others)
+        return ssd_miss_k(self.policy.cost, base, others, rows)
 
     @staticmethod
     def _drop_drafter(s: Sequence, e: Exception) -> None:

@@ -25,7 +25,10 @@ after a start-up probe) and each sequence's smoothed acceptance a: it maximises
 and moves off the current k only for a gain above `hysteresis`. k = 0 is plain batched decoding
 (no draft forward at all). A request's fixed k is exactly that (only its budget cuts it).
 ssd rows are not the policy's: each asks its own drafter for its request's k (default K) and the
-drafter may propose fewer; the policy prices only the rows the engine's draft model drafts.
+drafter may propose fewer; the policy prices only the rows the engine's draft model drafts. What it
+decides for ssd rows is what a speculation-cache miss costs (`ssd_miss_k`): the whole batch waits
+while a missed row is drafted just in time, so past a batch size a miss is answered at once with
+no drafts (KPlan.miss_k = 0) and only that row decodes plainly for a round.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from dataclasses import dataclass, field
 
 from .sequence import Sequence
 
-__all__ = ["QueueFull", "LinearCost", "MeasuredCost", "CostModel", "KPolicy", "expected_tokens", "Scheduler", "SchedulerOutput"]
+__all__ = ["QueueFull", "LinearCost", "MeasuredCost", "CostModel", "KPolicy", "expected_tokens", "ssd_miss_k", "Scheduler",
+           "SchedulerOutput"]
 
 
 class QueueFull(RuntimeError):
@@ -167,6 +171,36 @@ class KPolicy:
         if rates[best] > rates[cur] * (1.0 + self.hysteresis):
             self.k = best
         return self.k
+
+
+def ssd_miss_k(cost: CostModel, base_tokens: int, others: list[float],
+               ssd: list[tuple[float, int, float]]) -> int | None:
+    """The most drafts a missed ssd row drafts just in time (KPlan.miss_k); None: no draft cost known.
+
+    base_tokens: the verify forward's tokens (this round's, the guess for the next); others: the
+    expected tokens of the rows that are not ssd; ssd: (acceptance a, k, hit rate h) per ssd row.
+    A miss drafted to m tokens makes the whole batch wait m draft steps over the missed rows (while
+    any row misses: probability 1 - prod h), and gains only that row's E(a, m) - 1 tokens; m = 0
+    answers it at once and the row decodes plainly this round. The m in 0..k with the most expected
+    tokens per second wins, ties to the larger (at batch 1 a miss's draft usually pays; at large
+    batches it rarely does)."""
+    if cost.draft is None or not ssd:
+        return None
+    p_any, misses = 1.0, 0.0
+    for _, _, h in ssd:
+        p_any *= h
+        misses += 1 - h
+    p_any = 1 - p_any
+    rows_missed = max(1, round(misses / p_any)) if p_any > 0 else 1
+    t_base, t_step = cost.target.predict(base_tokens), cost.draft.predict(rows_missed)
+    fixed = sum(others) + sum(h * expected_tokens(a, k) for a, k, h in ssd)
+    best, best_rate = None, -1.0
+    for m in range(max(k for _, k, _ in ssd), -1, -1):  # from the largest: ties keep it
+        tokens = fixed + sum((1 - h) * expected_tokens(a, min(m, k)) for a, k, h in ssd)
+        rate = tokens / max(t_base + p_any * m * t_step, 1e-9)
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = m, rate
+    return best
 
 
 @dataclass

@@ -84,17 +84,28 @@ class KPlan:
       draft of this proposal is accepted / when one is rejected (before the budget cuts it). A drafter
       that pre-drafts the round after (SSD) drafts its branches to these lengths, so a cut proposal
       is never mistaken for a rejection.
+    miss_k: the most drafts when the proposal must be drafted after the outcome arrives (SSD: a
+      speculation-cache miss, or a late hit drawn on; the tokens a branch already has are kept),
+      None = k. 0 makes a miss answer at once with no drafts: that row's round is plain decoding,
+      and the batch does not wait for a just-in-time draft.
     """
 
     k: int
     if_accepted: int
     if_rejected: int
+    miss_k: int | None = None
 
     def __post_init__(self):
-        for name in ("k", "if_accepted", "if_rejected"):
+        for name in ("k", "if_accepted", "if_rejected", "miss_k"):
             v = getattr(self, name)
+            if name == "miss_k" and v is None:
+                continue
             if not (isinstance(v, int) and 0 <= v <= 64):
                 raise ValueError(f"KPlan.{name} must be an int in [0, 64], got {v!r}")
+
+    def jit(self, n: int) -> int:
+        """The drafts of a proposal of n that is drafted just in time (a miss): n, or miss_k if less."""
+        return n if self.miss_k is None else min(n, self.miss_k)
 
     def after(self, full: bool) -> int:
         """The k of the round after, by how this proposal ends (full = every draft accepted)."""

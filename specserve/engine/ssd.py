@@ -420,15 +420,17 @@ class DraftSession:
         self.table, self.rows, self._branches, self.plan = {}, [], None, plan
         if entry is not None:
             prop, final = entry
-            # pre-drafted to a shorter plan: draw on after its last token
-            self.sent = prop.cut(n) if len(prop.token_ids) >= n or final else self._draft_jit(n, prop)
+            # pre-drafted to a shorter plan: draw on after its last token (at most miss_k in all)
+            m = max(len(prop.token_ids), plan.jit(n))
+            self.sent = prop.cut(n) if len(prop.token_ids) >= m or final else self._draft_jit(m, prop)
         elif branches is not None and (accepted, token) in branches.index:
-            self.sent = branches.finish(branches.index[accepted, token], n)
+            b = branches.index[accepted, token]
+            self.sent = branches.finish(b, min(n, max(len(branches.toks[b]), plan.jit(n))))
         else:
             if branches is not None:
                 branches.restore()
             self.misses += 1
-            self.sent = self._draft_jit(n)
+            self.sent = self._draft_jit(plan.jit(n))
             return self.sent
         self.hits += 1
         self.late_hits += self.sent.late
@@ -528,6 +530,9 @@ class DraftSession:
         t0 = time.perf_counter()
         d = list(prefix.token_ids) if prefix else []
         qi, qp = (list(prefix.q_ids), list(prefix.q_probs)) if prefix else ([], [])
+        if n == 0 and not d:  # nothing to draft (miss_k = 0, or the budget): answer with no forward
+            self.rows = []
+            return Proposal(self.round, [])
         self.rows = list(self._sync(self.seq + d, len(d) + 1))  # rows i = 0..len(d)
         logits = self.rows[-1]
         while len(d) < n:

@@ -55,7 +55,7 @@ def plan_message(plan: KPlan | None) -> pb.KPlan | None:
     """The loop's KPlan -> its message (None stays None: the field is left unset)."""
     if plan is None:
         return None
-    return pb.KPlan(k=plan.k, if_accepted=plan.if_accepted, if_rejected=plan.if_rejected)
+    return pb.KPlan(k=plan.k, if_accepted=plan.if_accepted, if_rejected=plan.if_rejected, miss_k=plan.miss_k)
 
 
 def plan_from(msg: pb.Start | pb.Outcome) -> KPlan | None:
@@ -63,11 +63,11 @@ def plan_from(msg: pb.Start | pb.Outcome) -> KPlan | None:
     if not msg.HasField("plan"):
         return None
     p = msg.plan
-    for name in ("k", "if_accepted", "if_rejected"):
+    for name in ("k", "if_accepted", "if_rejected", "miss_k"):
         if getattr(p, name) > 64:
             raise ValueError(f"{type(msg).__name__}.plan.{name} is {getattr(p, name)}: "
                              "ask for at most 64 drafts a round")
-    return KPlan(int(p.k), int(p.if_accepted), int(p.if_rejected))
+    return KPlan(int(p.k), int(p.if_accepted), int(p.if_rejected), int(p.miss_k) if p.HasField("miss_k") else None)
 
 
 def _rows(x: Any) -> list[list]:

@@ -8,6 +8,8 @@ Per `mode@C` the summary has:
   acceptance_rate, mean_k (drafts per row and round), mean_batch (rows per round)
   cache_hit_rate          ssd: proposals answered from the draft worker's speculation cache, with
                           late_hits, hit_answer_ms and miss_answer_ms (outcome sent -> proposal back)
+                          and miss_k_rounds (rounds by the drafts a miss got: 0 = none, see
+                          scheduler.ssd_miss_k)
   mismatches              greedy: every sequence against `ar@1`, with the first diverging position
                           and the target's top-2 logit gap there (a near-tie explains a flip)
 hf-assisted cannot batch: at C > 1 its requests run one after another (`sequential: true`).
@@ -48,7 +50,7 @@ def logit_gap(target: LM, prompt_ids: list[int], out_ids: list[int], at: int) ->
 def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: SamplingParams,
                k: int | None, seed: int, bar=None, client=None, fanout=None) -> tuple[list[dict], float, dict]:
     """All prompts through the engine, C at a time; returns (records, wall seconds, engine stats delta)."""
-    before = dict(vars(engine.stats))
+    before = {key: dict(v) if isinstance(v, dict) else v for key, v in vars(engine.stats).items()}
     pending = list(enumerate(encoded))
     live: dict[str, tuple] = {}
     records: list[dict] = []
@@ -82,7 +84,8 @@ def _run_level(engine: Engine, encoded, mode: str, C: int, max_new: int, sp: Sam
                     bar.set_postfix_str(f"{mode}@{C} {p.id} {records[-1]['tokens_per_s']:.2f} tok/s")
                     bar.update(1)
     wall = time.perf_counter() - t0
-    delta = {key: v - before[key] for key, v in vars(engine.stats).items()}
+    delta = {key: ({m: n - before[key].get(m, 0) for m, n in v.items() if n - before[key].get(m, 0)}
+                   if isinstance(v, dict) else v - before[key]) for key, v in vars(engine.stats).items()}
     return records, wall, delta
 
 
@@ -166,6 +169,8 @@ def _summarize(recs: list[dict], wall: float, delta: dict, sequential: bool) -> 
     if delta.get("rounds"):
         d["mean_batch"] = round(delta["row_rounds"] / delta["rounds"], 3)
         d["mean_k"] = round(delta["draft_tokens"] / delta["row_rounds"], 3)
+    if delta.get("miss_k_rounds"):  # ssd: rounds by the miss_k the policy chose (0 = a miss decodes plainly)
+        d["miss_k_rounds"] = {str(m): n for m, n in sorted(delta["miss_k_rounds"].items())}
     if sequential:
         d["sequential"] = True  # hf-assisted cannot batch: one request after another
     return d

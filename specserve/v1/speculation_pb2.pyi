@@ -42,14 +42,16 @@ class Start(_message.Message):
     def __init__(self, seq: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SpecParams, _Mapping]] = ..., plan: _Optional[_Union[KPlan, _Mapping]] = ...) -> None: ...
 
 class KPlan(_message.Message):
-    __slots__ = ("k", "if_accepted", "if_rejected")
+    __slots__ = ("k", "if_accepted", "if_rejected", "miss_k")
     K_FIELD_NUMBER: _ClassVar[int]
     IF_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     IF_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    MISS_K_FIELD_NUMBER: _ClassVar[int]
     k: int
     if_accepted: int
     if_rejected: int
-    def __init__(self, k: _Optional[int] = ..., if_accepted: _Optional[int] = ..., if_rejected: _Optional[int] = ...) -> None: ...
+    miss_k: int
+    def __init__(self, k: _Optional[int] = ..., if_accepted: _Optional[int] = ..., if_rejected: _Optional[int] = ..., miss_k: _Optional[int] = ...) -> None: ...
 
 class SpecParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "k", "fanout", "speculate", "seed", "q_top", "stop_prob", "max_new_tokens")
