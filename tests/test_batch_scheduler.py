@@ -138,3 +138,15 @@ def test_a_stalled_round_moves_the_cost_point_by_one_bounded_step():
     for _ in range(10):  # a real, lasting change is still followed
         cost.observe(8, 0.4)
     assert cost.points[8] > 0.37
+
+
+def test_choose_ssd_prices_only_the_verify():
+    from specserve.engine.scheduler import CostModel, KPolicy, LinearCost
+
+    flat = KPolicy(CostModel(LinearCost(1.0, 0.0), None), k_max=8)  # no draft model: ssd rows still choose
+    assert flat.choose_ssd([(0.8, None)], 0, 0.0) == 8  # verifying more costs nothing: the longest k
+    steep = KPolicy(CostModel(LinearCost(0.05, 0.05), None), k_max=8)
+    assert steep.choose_ssd([(0.8, None)] * 32, 0, 0.0) == 0  # 32 rows, compute-bound: speculation off
+    assert steep.choose_ssd([(0.8, 3)], 0, 0.0) == 0  # a fixed row leaves nothing to choose: state kept
+    mid = KPolicy(CostModel(LinearCost(1.0, 0.1), None), k_max=8)
+    assert 1 <= mid.choose_ssd([(0.8, None)], 0, 0.0) < 8

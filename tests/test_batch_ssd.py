@@ -153,3 +153,31 @@ def test_ssd_miss_k_weighs_the_batchs_wait_against_the_missed_rows_gain():
     assert ssd_miss_k(cost, 160, [2.5] * 31, [(0.8, 4, 0.7)]) == 0  # batch 32: 31 rows would wait for it
     assert ssd_miss_k(CostModel(LinearCost(1.0, 0.0), None), 5, [], [(0.8, 4, 0.7)]) is None
     assert ssd_miss_k(cost, 5, [], [(0.8, 4, 1.0)]) == 4  # never a miss: nothing to save, keep k
+
+
+def test_ssd_rows_without_a_fixed_k_take_the_policys(tiny, draft_clients, prompts):
+    """An ssd request without k gets its proposals' k from the engine (`KPolicy.choose_ssd`: only the
+    verify is priced): a flat verify cost asks for long proposals, one that grows steeply with tokens
+    turns a poor draft's speculation off (k = 0); a request's own k is kept either way. All exact."""
+    from specserve.engine.scheduler import CostModel, LinearCost
+
+    class Fixed(LinearCost):
+        def observe(self, tokens, seconds):
+            pass
+
+    target = tiny["target"]
+    refs = [ar_reference(target, p, N_NEW) for p in prompts[:3]]
+    ks = {}
+    for name, draft, fixed_s, per_token in (("flat", "draft-same", 1.0, 0.0), ("steep", "draft-random", 0.01, 1.0)):
+        eng = Engine(target, None, max_num_seqs=4, max_model_len=512, k_max=6,
+                     cost=CostModel(Fixed(fixed_s, per_token), None))
+        reqs = []
+        for p, k in zip(prompts[:3], (None, None, 2)):  # no early stop: a proposal is the k asked for
+            d = RemoteDrafter(draft_clients[draft], p, target.vocab_size, k=k, max_new_tokens=N_NEW, stop_prob=0.0)
+            reqs.append(Request(p, N_NEW, spec=SpeculationParams("ssd", k), drafter=d))
+        res = run_to_completion(eng, reqs)
+        assert [r[0] for r in res.values()] == refs, name
+        st = [r[2].stats for r in res.values()]
+        ks[name] = (eng.policy.k_ssd, [max(x.drafted_per_round) for x in st])
+    assert ks["flat"][0] == 6 and ks["flat"][1][:2] == [6, 6] and ks["flat"][1][2] == 2, ks
+    assert ks["steep"][0] == 0 and ks["steep"][1][2] == 2, ks

@@ -132,6 +132,8 @@ class Engine:
             raise ValueError(f"request_id {request.request_id!r} is already running: pick a unique id")
         seq = Sequence(request, self.target.tokenizer, self.target.eos_ids, self.target.vocab_size,
                        self.max_model_len, device=self.device)
+        if seq.spec.mode == "ssd" and seq.spec.k is None:
+            seq.ssd_next = self.policy.k_ssd  # its Start asks for the policy's current ssd k
         self.scheduler.add(seq)
         self.seqs[seq.id] = seq
         return seq.id
@@ -293,6 +295,15 @@ class Engine:
         groups: dict[type, list] = {}
         for t in tells:
             groups.setdefault(type(t[0].drafter), []).append(t)
+        free = [s for s, *_ in tells if s.spec.k is None]
+        if free:  # the next proposals' k of the ssd rows that let the policy choose
+            ssd = {s.id for s, *_ in tells}
+            others = [s for s in self.seqs.values() if s.slot is not None and s.id not in ssd and not s.finish_reason]
+            k_next = self.policy.choose_ssd([(s.acceptance, s.spec.k) for s, *_ in tells],
+                                            sum(1 + s.draft_len(self.policy.k) for s in others),
+                                            sum(expected_tokens(s.acceptance, s.draft_len(self.policy.k)) for s in others))
+            for s in free:
+                s.ssd_next = k_next
         miss_k = self._miss_k(tells)
         if miss_k is not None:
             self.stats.miss_k_rounds[miss_k] = self.stats.miss_k_rounds.get(miss_k, 0) + 1

@@ -24,9 +24,10 @@ after a start-up probe) and each sequence's smoothed acceptance a: it maximises
   E(a, k) = (1 - a^(k+1)) / (1 - a) committed tokens per row per round,
 and moves off the current k only for a gain above `hysteresis`. k = 0 is plain batched decoding
 (no draft forward at all). A request's fixed k is exactly that (only its budget cuts it).
-ssd rows are not the policy's: each asks its own drafter for its request's k (default K) and the
-drafter may propose fewer; the policy prices only the rows the engine's draft model drafts. What it
-decides for ssd rows is what a speculation-cache miss costs (`ssd_miss_k`): the whole batch waits
+ssd rows get their k from the policy too, unless the request fixes it (`choose_ssd`, a k of its
+own: their drafting is the draft worker's, hidden behind the verify on a cache hit, so only the
+verify forward is priced; the drafter may propose fewer, its early stop). The policy also decides
+what a speculation-cache miss costs (`ssd_miss_k`): the whole batch waits
 while a missed row is drafted just in time, so past a batch size a miss is answered at once with
 no drafts (KPlan.miss_k = 0) and only that row decodes plainly for a round.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from .defaults import K
 from .sequence import Sequence
 
 __all__ = ["QueueFull", "LinearCost", "MeasuredCost", "CostModel", "KPolicy", "expected_tokens", "ssd_miss_k", "Scheduler",
@@ -155,12 +157,34 @@ class KPolicy:
     k_max: int = 8
     hysteresis: float = 0.05
     k: int = 0  # the current k, kept between rounds
+    k_ssd: int = K  # the ssd rows' current k (their drafting is hidden: see choose_ssd)
 
     def rate(self, k: int, rows: list[tuple[float, int | None]]) -> float:
         """Expected committed tokens per second; rows = (acceptance, fixed k or None)."""
         kd = [k if fixed is None else fixed for _, fixed in rows]
         tokens = sum(expected_tokens(a, kk) for (a, _), kk in zip(rows, kd))
         return tokens / max(self.cost.round_seconds(kd), 1e-9)
+
+    def choose_ssd(self, rows: list[tuple[float, int | None]], other_tokens: int, other_expected: float) -> int:
+        """The k of the next proposal of the ssd rows that let the scheduler choose (`k_ssd`, kept
+        between rounds, with hysteresis). Their drafting is the draft worker's and hidden behind the
+        verify (a miss's wait is `ssd_miss_k`'s to price), so only the verify is priced: E(a, k) per
+        row over the target forward of every row's tokens (other_tokens: the other rows'; other_expected:
+        their expected commits). k = 0 turns an ssd row's speculation off for a round."""
+        if not any(fixed is None for _, fixed in rows):
+            return self.k_ssd
+
+        def rate(k: int) -> float:
+            kd = [k if fixed is None else fixed for _, fixed in rows]
+            tokens = other_expected + sum(expected_tokens(a, kk) for (a, _), kk in zip(rows, kd))
+            return tokens / max(self.cost.target.predict(other_tokens + sum(kk + 1 for kk in kd)), 1e-9)
+
+        rates = [rate(k) for k in range(self.k_max + 1)]
+        best = max(range(len(rates)), key=rates.__getitem__)
+        cur = min(self.k_ssd, self.k_max)
+        if rates[best] > rates[cur] * (1.0 + self.hysteresis):
+            self.k_ssd = best
+        return self.k_ssd
 
     def choose(self, rows: list[tuple[float, int | None]]) -> int:
         if self.cost.draft is None or not any(fixed is None for _, fixed in rows):

@@ -102,6 +102,7 @@ class Sequence:
         self.stats = Stats(prompt_tokens=len(prompt), new_tokens=len(resume))
         self.finish_reason: str | None = None
         self.slot: int | None = None
+        self.ssd_next: int | None = None  # ssd: the policy's k for the next proposal (engine-set)
         # speculation state the scheduler reads: geometric acceptance, smoothed (pseudo-counts)
         self.acc_hits, self.acc_tries = acceptance_prior * 4, 4.0
         self.t_added = time.perf_counter()
@@ -122,8 +123,11 @@ class Sequence:
 
     @property
     def ssd_k(self) -> int:
-        """An ssd row's k before the budget cuts it: the request's, else the default K."""
-        return self.spec.k if self.spec.k is not None else K
+        """An ssd row's k before the budget cuts it: the request's fixed k, else the one the engine's
+        policy planned for its next proposal (`ssd_next`), else the default K."""
+        if self.spec.k is not None:
+            return self.spec.k
+        return self.ssd_next if self.ssd_next is not None else K
 
     @property
     def external(self) -> bool:
