@@ -179,3 +179,40 @@ def test_miss_k_0_answers_a_miss_at_once_and_a_hit_in_full(tiny, prompts):
     while sched.speculating():
         sched.speculate_step()
     assert {i for (_, i, _) in sched.sessions["b"].table} == {0}
+
+
+def test_the_fanout_budget_is_what_speculation_can_draft_within_the_targets_verify(tiny, prompts):
+    """`affordable_budget`: unmeasured, the configured budget; with the target's measured verify time
+    short against the measured forward cost, fewer branches per sequence (at least 1), and a
+    speculation started then uses it."""
+    from specserve.engine.scheduler import LinearCost
+
+    sched = DraftScheduler(tiny["draft-random"], max_seqs=4, max_model_len=256, fanout_budget=8)
+    assert sched.affordable_budget(4, 3) == 8  # nothing measured yet
+    sched.step_cost = LinearCost(0.01, 0.001, prior_weight=1e3)  # 10 ms a forward + 1 ms a token
+    sched.interval = 1.0
+    assert sched.affordable_budget(4, 3) == 8  # 4 x 8 branches: 3 x 42 ms + glue, well within 1 s
+    sched.interval = 0.12
+    assert sched.affordable_budget(4, 3) == 5  # 26 ms glue + 3 x (10 + 4 B) ms <= 120 ms: B = 5
+    sched.interval = 0.01
+    assert sched.affordable_budget(4, 3) == 1
+    props = sched.answer({f"s{n}": sched.open(f"s{n}", p, k=3).first_program(KPlan(3, 3, 3))
+                          for n, p in enumerate(prompts)})
+    sched.interval, sched.step_cost = 0.12, LinearCost(0.01, 0.001, prior_weight=1e9)  # as measured
+    sched.speculate_step()
+    assert sched.budget == 5 and all(s.fanout_budget == 5 for s in sched.sessions.values())
+    while sched.speculating():
+        sched.speculate_step()
+    assert all(len(s.table) <= 5 for s in sched.sessions.values()) and len(props) == 4
+
+
+def test_the_verify_interval_is_measured_from_an_answer_to_the_next_outcomes(tiny, prompts):
+    import time
+
+    svc = BatchDraftService(tiny["draft-random"], max_seqs=2, max_model_len=256)
+    (first,) = svc.handle(pb.TargetMessage(start=_start("a", prompts[1], k=2)))
+    assert svc.scheduler.interval is None
+    time.sleep(0.2)  # the target verifying
+    svc.handle(pb.TargetMessage(outcome=pb.Outcome(seq="a", round=0, accepted=0, token=7)))
+    assert 0.2 <= svc.scheduler.interval < 1.0
+    assert svc.stats()["verify_interval_ms"] >= 200 and svc.stats()["fanout_budget_now"] == 8
