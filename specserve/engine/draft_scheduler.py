@@ -44,7 +44,6 @@ import torch
 from . import defaults
 from .lm import LM
 from .runner import NativeRunner, TreeRow, native_supported
-from .scheduler import LinearCost
 from .slot_cache import CacheFull, SlotCache
 from .speculative import KPlan
 from .ssd import AcceptanceModel, DraftSession, Proposal, StaleRound, _common_prefix, predict_outcomes
@@ -236,9 +235,6 @@ class DraftScheduler:
     max_seqs: slots (sequences open at once); max_model_len: the longest sequence a slot holds;
     tree_columns: scratch columns per slot for speculation branches (a speculation stops growing
     its branches when they are full; the outcome then draws on the branch just-in-time).
-    fanout_budget: the most branches per sequence; a speculation gets fewer when its sequences'
-    branches would not be drafted within the target's verify time (`affordable_budget`, from the
-    measured forward costs and the measured time between an answer and the next outcomes).
     """
 
     def __init__(self, lm: LM, max_seqs: int = defaults.DRAFT_SLOTS, max_model_len: int | None = None,
@@ -258,12 +254,6 @@ class DraftScheduler:
         self.forwards = 0  # batched forwards run (answers and speculation)
         self.rows = 0  # rows over those forwards
         self.spec_steps = 0  # speculation forwards
-        # what a round's speculation can afford: a forward's seconds by its tokens (measured), and the
-        # time the target leaves between an answer and the next outcomes (its verify), smoothed
-        self.step_cost = LinearCost(0.0, 0.0, prior_weight=1e-6)
-        self.interval: float | None = None
-        self._answered_at: float | None = None
-        self.budget = fanout_budget  # the per-sequence fan-out budget of the latest speculation
 
     @property
     def capacity(self) -> dict:
@@ -295,36 +285,17 @@ class DraftScheduler:
             self.runner.cache.free(sess.slot)
         return sess
 
-    def answer(self, jobs: dict[str, Program], arrived: float | None = None) -> dict[str, Proposal | Exception]:
+    def answer(self, jobs: dict[str, Program]) -> dict[str, Proposal | Exception]:
         """Run the programs to completion in lockstep: {seq: its proposal, or the exception it raised}.
 
-        A sequence whose program raised is left open for the caller to close (`close`). arrived: when
-        the outcomes among the jobs arrived (perf_counter; None for Starts only): the time since the
-        previous answer is the target's verify time, which bounds what speculation can afford."""
-        if arrived is not None and self._answered_at is not None and arrived > self._answered_at:
-            gap = arrived - self._answered_at  # the target verified (and the messages travelled) meanwhile
-            self.interval = gap if self.interval is None else 0.7 * self.interval + 0.3 * gap
+        A sequence whose program raised is left open for the caller to close (`close`)."""
         out: dict[str, Proposal | Exception] = {}
         live: dict[str, tuple[Program, TreeRow]] = {}
         for seq, prog in jobs.items():
             self._advance(seq, prog, None, live, out)
         while live:
             self._forward(live, out)
-        self._answered_at = time.perf_counter()
         return out
-
-    def affordable_budget(self, n_seqs: int, k: int) -> int:
-        """Branches per sequence a speculation of n_seqs sequences can draft within the target's
-        measured verify time: the largest B <= fanout_budget (at least 1) with one glue forward over
-        n_seqs x (k + 1) tokens and k branch forwards over n_seqs x B tokens fitting in it. Before
-        anything is measured: fanout_budget."""
-        if self.interval is None or self.step_cost.predict(1) <= 0 or self.fanout_budget <= 1:
-            return self.fanout_budget
-        glue = self.step_cost.predict(n_seqs * (k + 1))
-        for b in range(self.fanout_budget, 1, -1):
-            if glue + k * self.step_cost.predict(n_seqs * b) <= self.interval:
-                return b
-        return 1
 
     def speculating(self) -> bool:
         """Whether any sequence has speculation left to run."""
@@ -336,13 +307,8 @@ class DraftScheduler:
         live: dict[str, tuple[Program, TreeRow]] = {}
         done: dict[str, Proposal | Exception] = {}
         t0 = time.perf_counter()
-        starting = [s for s in self.sessions.values() if s.spec is None and s.wants_speculation()]
-        if starting:  # the fan-out budget for the sequences speculating now, from measured costs
-            n = sum(1 for s in self.sessions.values() if s.spec is not None) + len(starting)
-            self.budget = self.affordable_budget(n, max(max(s.plan.if_accepted, s.plan.if_rejected) for s in starting))
         for seq, s in self.sessions.items():
             if s.spec is None and s.wants_speculation():
-                s.fanout_budget = self.budget
                 self._advance(seq, s._speculation(), None, live, done)
             elif s.spec is not None:
                 live[seq] = s.spec
@@ -375,10 +341,8 @@ class DraftScheduler:
     def _forward(self, live: dict[str, tuple[Program, TreeRow]], out: dict) -> None:
         """One batched forward over every live program's row, then each program's next step."""
         seqs = list(live)
-        rows = [live[s][1] for s in seqs]
-        t0 = time.perf_counter()
         try:
-            logits = self.runner.forward_rows(rows)
+            logits = self.runner.forward_rows([live[s][1] for s in seqs])
         except Exception as e:  # the forward itself failed: every row of it fails
             for s in seqs:
                 live.pop(s)[0].close()
@@ -388,5 +352,3 @@ class DraftScheduler:
         self.rows += len(seqs)
         for s, lg in zip(seqs, logits):
             self._advance(s, live[s][0], lg, live, out)
-        # the programs read their logits (a host sync on CUDA): the forward's time is complete
-        self.step_cost.observe(sum(len(r.tokens) for r in rows), time.perf_counter() - t0)

@@ -116,9 +116,8 @@ class AcceptanceModel:
     the rank-f candidate with probability 2^-(f+1), a recovered one with 2^-(f+2) (the recovered
     token is one the draft ranked below its own pick, which it ranks less reliably; the rest of
     its mass is beyond every candidate). One model serves the sequences of one draft worker's
-    stream (one target/draft pair). The budget is the caller's (`defaults.FANOUT_BUDGET` by default,
-    lowered by `DraftScheduler.affordable_budget` when speculating for many sequences would
-    outlast the target's verify), with `FANOUT_MIN_GAIN` as each branch's price.
+    stream (one target/draft pair). Not yet: a budget from measured step costs (it is fixed,
+    `defaults.FANOUT_BUDGET`, with `FANOUT_MIN_GAIN` as each branch's price).
     """
 
     RANKS = 64  # ranks tracked per kind; candidates beyond them are never worth a branch

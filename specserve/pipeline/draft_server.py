@@ -294,15 +294,7 @@ class BatchDraftService:
         return self.scheduler.spec_steps
 
     answered = DraftService.answered
-
-    def stats(self) -> dict:
-        """DraftService's counters, plus the fan-out budget speculation can afford now and the target's
-        measured time between an answer and the next outcomes (its verify)."""
-        out = DraftService.stats(self)
-        sched = self.scheduler
-        out["fanout_budget_now"] = sched.budget
-        out["verify_interval_ms"] = round(1000 * sched.interval, 1) if sched.interval is not None else None
-        return out
+    stats = DraftService.stats
     _count = DraftService._count
     hits, late_hits, misses = DraftService.hits, DraftService.late_hits, DraftService.misses
     _error = DraftService._error
@@ -376,9 +368,7 @@ class BatchDraftService:
         """Draft every pending proposal together; fill in the replies waiting for them."""
         if not jobs:
             return
-        arrivals = [arrived for _, entries in plans for seq, arrived, reply in entries
-                    if reply is None and kinds.get(seq) == "outcome"]
-        results = self.scheduler.answer(dict(jobs), min(arrivals) if arrivals else None)
+        results = self.scheduler.answer(dict(jobs))
         now = time.perf_counter()
         done = {}
         for seq, res in results.items():
@@ -596,7 +586,6 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
             out[f"{kind}_answer_ms"] = round(1000 * out[f"{kind}_answer_s"] / n, 3) if n else None
         out["branches_per_speculation"] = round(out["branches"] / out["speculations"], 2) if out["speculations"] else None
         out["fit"] = self._fit  # the fan-out's acceptance model, of the stream that ended last
-        out["fanout_budgets"] = [s["fanout_budget_now"] for s in live if "fanout_budget_now" in s]  # per open stream
         return out
 
 
