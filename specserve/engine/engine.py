@@ -20,8 +20,9 @@ One `step()` is one round over every running row:
                   one `.tolist()`); each sequence commits (EOS / budget / stop cut), both caches
                   roll back by writing lengths.
   6. retire    -- finished rows free their slots; their last chunks go out with the others;
-                  ssd rows that go on send their outcome to their drafter and wait for its
-                  answer (a speculation-cache hit answers at once; see `_tell`).
+                  ssd rows that go on send their outcomes to their drafters together (one
+                  message per draft stream, each with the policy's KPlan: k and miss_k) and
+                  wait for the answers (a speculation-cache hit answers at once; see `_tell`).
 
 Prefix reuse: a request with a `cache_key` (a chat session's id) leaves its slot *parked* when it
 finishes: the slot keeps the KV of its prompt + output in both caches. The next request with that
@@ -43,7 +44,8 @@ pinned copy; draws use `device.draw`, not multinomial). Timings are CUDA events 
 read after that sync. tests/test_batch_gpu.py checks this on the CPU by tracing a round's ops.
 
 This module does not know about threads, asyncio, networks or sessions: a server runs `step()` in
-one loop and routes the (request id, Chunk) pairs. SSD (a remote drafter) is not handled here.
+one loop and routes the (request id, Chunk) pairs. An ssd row's drafter is only the `Drafter`
+interface here: where its draft worker runs and how it is reached is the drafter's business.
 """
 
 from __future__ import annotations
