@@ -181,3 +181,34 @@ def test_ssd_rows_without_a_fixed_k_take_the_policys(tiny, draft_clients, prompt
         ks[name] = (eng.policy.k_ssd, [max(x.drafted_per_round) for x in st])
     assert ks["flat"][0] == 6 and ks["flat"][1][:2] == [6, 6] and ks["flat"][1][2] == 2, ks
     assert ks["steep"][0] == 0 and ks["steep"][1][2] == 2, ks
+
+
+def test_ssd_rows_admitted_while_the_policy_has_ssd_speculation_off_start_later_exact(tiny, draft_clients, prompts):
+    """A row admitted while the policy's ssd k is 0 has no proposal out: nothing is told to its
+    drafter (there is no round to answer) until a round asks for drafts, and then its drafter starts
+    from the tokens committed by then. Exact throughout."""
+    from specserve.engine.scheduler import CostModel, LinearCost
+
+    class Fixed(LinearCost):
+        def observe(self, tokens, seconds):
+            pass
+
+    target = tiny["target"]
+    refs = [ar_reference(target, p, N_NEW) for p in prompts[:2]]
+    eng = Engine(target, None, max_num_seqs=4, max_model_len=512, cost=CostModel(Fixed(1.0, 0.0), None))
+    eng.policy.k_ssd, eng.policy.hysteresis = 0, 1e9  # speculation off for ssd rows when they are admitted, kept
+    reqs = [ssd_request(draft_clients["draft-same"], target, p, k=None) for p in prompts[:2]]
+    ids = [eng.add(r) for r in reqs]
+    seqs = [eng.seqs[i] for i in ids]
+    res = {i: [] for i in ids}
+    rnd = 0
+    while eng.has_work():
+        if rnd == 3:
+            eng.policy.k_ssd = 4  # ... and on again: the rows start their drafters now
+        for rid, chunk in eng.step():
+            res[rid].extend(chunk.token_ids)
+        rnd += 1
+    assert [res[i] for i in ids] == refs
+    for s in seqs:
+        assert s.stats.drafted_per_round[:3] == [0, 0, 0] and max(s.stats.drafted_per_round) > 0, s.stats
+        assert not s.stats.fallback

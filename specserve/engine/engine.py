@@ -194,8 +194,8 @@ class Engine:
             events.append((s.id, s.commit(o[:nb], o[nb], drafted=k)))
             if s.spec.mode == "ssd":
                 s.stats.hit_per_round.append(int(k > 0 and s.drafter is not None and s.drafter.last_hit))
-                if s.drafter is not None and not s.finish_reason:
-                    tells.append((s, nb, o[nb], committed))
+                if s.drafter is not None and not s.finish_reason and not s.drafter.waiting_start:
+                    tells.append((s, nb, o[nb], committed))  # (a drafter not started yet starts later)
         self._tell(tells)
         for s in self.scheduler.update_from_output(rows, n, kd):
             self._release(s)
@@ -263,9 +263,9 @@ class Engine:
         A row's proposal is the Start's in its first round, else the answer `_tell` already
         waited for at the end of the last round. A failed drafter leaves its row ar."""
         out = {}
-        starts: dict[type, list] = {}  # first rounds: every new row's Start in one exchange per kind
+        starts: dict[type, list] = {}  # rows whose drafter is not started: their Starts in one exchange per kind
         for b, s in enumerate(rows):
-            if s.spec.mode == "ssd" and s.external and kd[b] > 0 and s.stats.rounds == 0:
+            if s.spec.mode == "ssd" and s.external and kd[b] > 0 and s.drafter.waiting_start:
                 starts.setdefault(type(s.drafter), []).append((s.drafter, s.ids, KPlan(kd[b], s.ssd_k, s.ssd_k)))
         for kind, items in starts.items():
             kind.start_all(items)
@@ -292,20 +292,22 @@ class Engine:
         proposals. Drafters of one kind are told together (`Drafter.outcome_all`: a RemoteDrafter
         sends every outcome on a stream in one message and reads one reply, so the draft worker
         drafts the misses together and has speculated for every row at once)."""
+        ssd = [s for s in self.seqs.values() if s.spec.mode == "ssd" and s.drafter is not None
+               and s.slot is not None and not s.finish_reason]
+        free = [s for s in ssd if s.spec.k is None]
+        if free:  # the next proposals' k of the ssd rows that let the policy choose (started or not)
+            ids = {s.id for s in ssd}
+            others = [s for s in self.seqs.values() if s.slot is not None and s.id not in ids and not s.finish_reason]
+            k_next = self.policy.choose_ssd([(s.acceptance, s.spec.k) for s in ssd],
+                                            sum(1 + s.draft_len(self.policy.k) for s in others),
+                                            sum(expected_tokens(s.acceptance, s.draft_len(self.policy.k)) for s in others))
+            for s in free:
+                s.ssd_next = k_next
         if not tells:
             return
         groups: dict[type, list] = {}
         for t in tells:
             groups.setdefault(type(t[0].drafter), []).append(t)
-        free = [s for s, *_ in tells if s.spec.k is None]
-        if free:  # the next proposals' k of the ssd rows that let the policy choose
-            ssd = {s.id for s, *_ in tells}
-            others = [s for s in self.seqs.values() if s.slot is not None and s.id not in ssd and not s.finish_reason]
-            k_next = self.policy.choose_ssd([(s.acceptance, s.spec.k) for s, *_ in tells],
-                                            sum(1 + s.draft_len(self.policy.k) for s in others),
-                                            sum(expected_tokens(s.acceptance, s.draft_len(self.policy.k)) for s in others))
-            for s in free:
-                s.ssd_next = k_next
         miss_k = self._miss_k(tells)
         if miss_k is not None:
             self.stats.miss_k_rounds[miss_k] = self.stats.miss_k_rounds.get(miss_k, 0) + 1

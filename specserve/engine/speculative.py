@@ -235,6 +235,7 @@ class Drafter:
     misses = 0
     late_hits = 0  # hits whose proposal was still being drafted when the outcome arrived
     last_hit = False  # whether the proposal of the current round came from a speculation cache
+    waiting_start = False  # no proposal asked for yet (a remote drafter not started): nothing to tell
 
     def propose(self, seq: list[int], plan: KPlan) -> tuple[list[int], torch.Tensor | None]:
         raise NotImplementedError

@@ -357,8 +357,8 @@ class RemoteDrafter(Drafter):
         if self._failed is not None:
             e, self._failed = self._failed, None
             raise e
-        if self.prop is None:
-            self._take(self.client.start(self.seq, self.prompt, self.params, timeout=self.timeout, plan=plan), plan)
+        if self.prop is None:  # started with the committed tokens now (more than the prompt after k = 0 rounds)
+            self._take(self.client.start(self.seq, seq, self.params, timeout=self.timeout, plan=plan), plan)
         d = list(self.prop.token_ids)
         if not self.prop.q_ids:
             return d, None
@@ -366,6 +366,10 @@ class RemoteDrafter(Drafter):
         for i, (ids, probs) in enumerate(zip(self.prop.q_ids, self.prop.q_probs)):
             q[i, torch.tensor(ids, dtype=torch.long)] = torch.tensor(probs, dtype=torch.float32)
         return d, q
+
+    @property
+    def waiting_start(self) -> bool:
+        return self.prop is None
 
     def on_outcome(self, accepted, token, committed, plan):
         prop = self.client.outcome(self.seq, self.prop.round, accepted, token, timeout=self.timeout, plan=plan)
@@ -392,7 +396,7 @@ class RemoteDrafter(Drafter):
         for group in RemoteDrafter._by_client([it for it in items if it[0].prop is None]).values():
             client = group[0][1][0].client
             timeout = max((it[0].timeout or client.timeout) for _, it in group)
-            res = client.exchange(starts=[(d.seq, d.prompt, d.params, plan) for _, (d, _, plan) in group],
+            res = client.exchange(starts=[(d.seq, ids, d.params, plan) for _, (d, ids, plan) in group],
                                   timeout=timeout)
             for _, (d, _, plan) in group:
                 r = res[d.seq]
