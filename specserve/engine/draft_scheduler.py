@@ -46,7 +46,7 @@ from .lm import LM
 from .runner import NativeRunner, TreeRow, native_supported
 from .slot_cache import CacheFull, SlotCache
 from .speculative import KPlan
-from .ssd import AcceptanceModel, DraftSession, Proposal, StaleRound, _common_prefix, predict_outcomes
+from .ssd import AcceptanceModel, DraftSession, Proposal, _common_prefix, predict_outcomes
 
 __all__ = ["DraftScheduler", "SlotSession"]
 
@@ -131,16 +131,7 @@ class SlotSession(DraftSession):
     def outcome_program(self, round: int, accepted: int, token: int, plan: KPlan | None) -> Program | Proposal:
         """Commit the outcome of `round`; the proposal for the next round (a hit: at once) or the
         program that drafts it. Raises StaleRound / ValueError before changing anything."""
-        if self.sent is None:
-            raise StaleRound(f"outcome for round {round} before any proposal: Start the sequence first")
-        if round != self.round:
-            raise StaleRound(f"outcome for round {round}, but the current round is {self.round}")
-        k_sent = len(self.sent.token_ids)
-        if not 0 <= accepted <= k_sent:
-            raise ValueError(f"accepted must be in [0, {k_sent}] (drafts sent in round {round}), got {accepted}")
-        if not 0 <= token < self.lm.vocab_size:
-            raise ValueError(f"token must be in [0, {self.lm.vocab_size}), got {token}")
-        plan = self._check_plan(plan)
+        accepted, token, plan = self._check_outcome(round, accepted, token, plan)
         self._observe(accepted, token)
         table = self.table
         if self.tree is not None:  # its own round is still being speculated: take the branches as they are

@@ -397,20 +397,7 @@ class DraftSession:
         branch when the outcome was pre-drafted (cut to plan.k, or drafted on to it), from the
         branch in progress when it is still being drafted, else drafted just-in-time.
         """
-        if self.sent is None:
-            raise StaleRound(f"outcome for round {round} before any proposal: call first_proposal first")
-        if round != self.round:
-            raise StaleRound(f"outcome for round {round}, but the current round is {self.round}")
-        k_sent = len(self.sent.token_ids)
-        try:
-            accepted, token = operator.index(accepted), operator.index(token)
-        except TypeError as e:
-            raise ValueError(f"accepted and token must be ints, got {accepted!r}, {token!r}") from e
-        if not 0 <= accepted <= k_sent:
-            raise ValueError(f"accepted must be in [0, {k_sent}] (drafts sent in round {round}), got {accepted}")
-        if not 0 <= token < self.lm.vocab_size:
-            raise ValueError(f"token must be in [0, {self.lm.vocab_size}), got {token}")
-        plan = self._check_plan(plan)
+        accepted, token, plan = self._check_outcome(round, accepted, token, plan)
         # nothing changed above this line: a bad outcome leaves the session as it was
         self._observe(accepted, token)
         self.seq += self.sent.token_ids[:accepted] + [token]
@@ -443,6 +430,25 @@ class DraftSession:
         return self.hits / n if n else 0.0
 
     # ---- drafting -------------------------------------------------------------------------
+
+    def _check_outcome(self, round: int, accepted: int, token: int, plan: KPlan | None) -> tuple[int, int, KPlan]:
+        """Validate an outcome of `round` against the proposal sent: (accepted, token, plan), or
+        StaleRound / ValueError naming what is wrong. Changes nothing."""
+        if self.sent is None:
+            raise StaleRound(f"outcome for round {round} before any proposal: Start the sequence "
+                             "(first_proposal) first")
+        if round != self.round:
+            raise StaleRound(f"outcome for round {round}, but the current round is {self.round}")
+        k_sent = len(self.sent.token_ids)
+        try:
+            accepted, token = operator.index(accepted), operator.index(token)
+        except TypeError as e:
+            raise ValueError(f"accepted and token must be ints, got {accepted!r}, {token!r}") from e
+        if not 0 <= accepted <= k_sent:
+            raise ValueError(f"accepted must be in [0, {k_sent}] (drafts sent in round {round}), got {accepted}")
+        if not 0 <= token < self.lm.vocab_size:
+            raise ValueError(f"token must be in [0, {self.lm.vocab_size}), got {token}")
+        return accepted, token, self._check_plan(plan)
 
     def _check_plan(self, plan: KPlan | None) -> KPlan:
         if plan is None:
