@@ -88,8 +88,11 @@ def test_the_target_sets_k_and_speculation_per_round(tiny):
     assert len(p2.token_ids) == 4 and svc.speculate("a") == [] and svc.sessions["a"].table
 
 
-def test_service_errors_are_per_sequence(tiny):
-    svc = DraftService(tiny["draft-random"])
+@pytest.mark.parametrize("service", ["DraftService", "BatchDraftService"])
+def test_service_errors_are_per_sequence(tiny, service):
+    from specserve.pipeline import draft_server
+
+    svc = getattr(draft_server, service)(tiny["draft-random"])  # the checks are shared: both say the same
     p0 = _one(svc.handle(_start("a")), "proposal")
     k = len(p0.token_ids)
     cases = [

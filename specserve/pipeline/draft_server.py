@@ -34,8 +34,9 @@ import grpc
 
 from ..engine.defaults import DRAFT_MAX_LEN, DRAFT_SLOTS, FANOUT_BUDGET
 from ..engine.lm import LM, load_model, set_threads
-from ..engine.draft_scheduler import DraftScheduler
+from ..engine.draft_scheduler import DraftScheduler, SlotSession
 from ..engine.runner import native_supported
+from ..engine.speculative import KPlan
 from ..engine.ssd import AcceptanceModel, DraftSession, StaleRound
 from ..v1 import speculation_pb2_grpc as pb_grpc
 from .wire import (PROTOCOL, error_message, message_seq, pb, plan_from, proposal_message, replies_message,
@@ -78,65 +79,25 @@ COUNTERS = ("started", "errors", "hits", "late_hits", "misses", "spec_steps", "s
             *(f"{kind}_answers" for kind in ANSWERS), *(f"{kind}_answer_s" for kind in ANSWERS))  # summed over streams
 
 
-class DraftService:
-    """The open sequences of one speculation stream, driven one message at a time."""
+SESSION_COUNTERS = ("hits", "late_hits", "misses", "speculations", "branches")  # kept by each session
+CLOSED_HINT = "the sequence is closed: Start it again or decode without the draft"
 
-    def __init__(self, lm: LM, fanout_budget: int = FANOUT_BUDGET):
-        self.lm, self.fanout_budget = lm, fanout_budget  # the most branches a round's speculation drafts
-        self.sessions: dict[str, DraftSession] = {}
-        self.acceptance = AcceptanceModel()  # one target/draft pair per stream: its sequences share the fit
+
+class _StreamService:
+    """What both draft services share: the counters of a stream, its stats, its Errors, and the
+    checks of Start and Outcome. A subclass owns `sessions` (seq -> session), `spec_steps` and
+    `_close(seq)` (free one sequence; its session or None)."""
+
+    sessions: dict
+    spec_steps: int
+
+    def __init__(self, lm: LM):
+        self.lm = lm
         self.started = 0
         self.errors = 0
-        self.spec_steps = 0
-        self._closed = {"hits": 0, "late_hits": 0, "misses": 0, "speculations": 0, "branches": 0}
-        self.answers = dict.fromkeys(ANSWERS, 0)  # outcomes answered through serve_stream, by kind
+        self._closed = dict.fromkeys(SESSION_COUNTERS, 0)  # the counters of sessions already closed
+        self.answers = dict.fromkeys(ANSWERS, 0)  # outcomes answered, by kind
         self.answer_s = dict.fromkeys(ANSWERS, 0.0)  # ... and their seconds from arrival to reply
-
-    # ------------------------------------------------------------------ messages
-
-    def handle(self, msg: pb.TargetMessage) -> list[pb.DraftMessage]:
-        """Apply one message; return what to send back (a Proposal, an Error, or nothing)."""
-        kind = msg.WhichOneof("kind")
-        seq = message_seq(msg)
-        try:
-            if kind == "start":
-                return [self._start(msg.start)]
-            if kind == "outcome":
-                return [self._outcome(msg.outcome)]
-            if kind == "stop":
-                self._drop(seq)
-                return []
-            return [self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop")]
-        except Exception as exc:  # a bug or a failed forward: close this sequence, keep the stream
-            log.exception("draft failed on %s for sequence %r", kind, seq)
-            self._drop(seq)
-            return [self._error(seq, E.INTERNAL, f"draft failed: {type(exc).__name__}: {exc}; "
-                                                 "the sequence is closed: Start it again or decode without the draft")]
-
-    def speculate_step(self, seq: str) -> tuple[list[pb.DraftMessage], bool]:
-        """One forward of `seq`'s speculation (after its proposal was sent): (replies, more to do).
-
-        replies is [] or [Error INTERNAL] (the sequence is then closed).
-        """
-        session = self.sessions.get(seq)
-        if session is None:
-            return [], False
-        try:
-            more = session.speculate_step()
-            self.spec_steps += 1
-            return [], more
-        except Exception as exc:
-            log.exception("speculation failed for sequence %r", seq)
-            self._drop(seq)
-            return [self._error(seq, E.INTERNAL, f"speculation failed: {type(exc).__name__}: {exc}; "
-                                                 "the sequence is closed: Start it again or decode without the draft")], False
-
-    def speculate(self, seq: str) -> list[pb.DraftMessage]:
-        """All of `seq`'s speculation at once. Returns [] or [Error INTERNAL]."""
-        while True:
-            out, more = self.speculate_step(seq)
-            if out or not more:
-                return out
 
     def answered(self, prop: pb.Proposal, seconds: float) -> None:
         """Record how long an outcome waited for its reply (arrival to reply)."""
@@ -171,60 +132,139 @@ class DraftService:
             out[f"{kind}_answers"], out[f"{kind}_answer_s"] = self.answers[kind], self.answer_s[kind]
         return out
 
-    # ------------------------------------------------------------------ internals
-
-    def _start(self, m: pb.Start) -> pb.DraftMessage:
+    def _open(self, m: pb.Start, open_session) -> tuple[object, KPlan] | pb.DraftMessage:
+        """Check a Start and open its session with `open_session(prompt_ids, **params)`:
+        (session, the target's plan), or the Error to send."""
         if not m.seq:
             return self._error("", E.INVALID_ARGUMENT, "Start.seq is empty: give every sequence an id")
         if m.seq in self.sessions:
             return self._error(m.seq, E.INVALID_ARGUMENT,
                                f"sequence {m.seq!r} is already open on this stream: Stop it first or use a new id")
-        prompt = list(m.prompt_ids)
         try:
             kwargs = session_kwargs(m.params)
         except ValueError as exc:
             return self._error(m.seq, E.INVALID_ARGUMENT, f"bad SpecParams: {exc}")
-        t0 = time.perf_counter()
         try:
             plan = plan_from(m)
-            session = DraftSession(self.lm, prompt, acceptance=self.acceptance, fanout_budget=self.fanout_budget,
-                                   **kwargs)  # validates prompt, k, ...
+            session = open_session(list(m.prompt_ids), **kwargs)  # validates prompt, k, ...
         except ValueError as exc:
             return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
-        self.sessions[m.seq] = session
         self.started += 1
-        prop = session.first_proposal(plan)
-        return proposal_message(m.seq, prop, time.perf_counter() - t0)
+        return session, plan
 
-    def _outcome(self, m: pb.Outcome) -> pb.DraftMessage:
+    def _apply_outcome(self, m: pb.Outcome, apply):
+        """Check an Outcome and give it to its session, `apply(session, round, accepted, token, plan)`:
+        what that returns, or the Error to send."""
         session = self.sessions.get(m.seq)
         if session is None:
             return self._error(m.seq, E.UNKNOWN_SEQUENCE,
                                f"no open sequence {m.seq!r} on this stream (never started, stopped, or closed "
                                "after an error): send Start first")
-        t0 = time.perf_counter()
         try:
-            prop = session.on_outcome(int(m.round), int(m.accepted), int(m.token), plan_from(m))  # validates them
+            out = apply(session, int(m.round), int(m.accepted), int(m.token), plan_from(m))  # validates them
         except StaleRound as exc:
             return self._error(m.seq, E.STALE_ROUND, str(exc))
         except ValueError as exc:
             return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
         if m.HasField("speculate"):  # the target's choice for the round after this proposal
             session.speculating = m.speculate
-        return proposal_message(m.seq, prop, time.perf_counter() - t0)
+        return out
+
+    def _failed(self, seq: str, what: str, exc: Exception) -> pb.DraftMessage:
+        """A bug or a failed forward on `seq`: close it (the stream goes on) and say so."""
+        self._drop(seq)
+        return self._error(seq, E.INTERNAL, f"{what} failed: {type(exc).__name__}: {exc}; {CLOSED_HINT}")
 
     def _drop(self, seq: str) -> None:
-        session = self.sessions.pop(seq, None)
+        session = self._close(seq)
         if session is not None:
             for name in self._closed:
                 self._closed[name] += getattr(session, name)
+
+    def _close(self, seq: str):
+        raise NotImplementedError
 
     def _error(self, seq: str, code: int, message: str) -> pb.DraftMessage:
         self.errors += 1
         return error_message(seq, code, message)
 
 
-class BatchDraftService:
+class DraftService(_StreamService):
+    """The open sequences of one speculation stream, driven one message at a time."""
+
+    def __init__(self, lm: LM, fanout_budget: int = FANOUT_BUDGET):
+        super().__init__(lm)
+        self.fanout_budget = fanout_budget  # the most branches a round's speculation drafts
+        self.sessions: dict[str, DraftSession] = {}
+        self.acceptance = AcceptanceModel()  # one target/draft pair per stream: its sequences share the fit
+        self.spec_steps = 0
+
+    # ------------------------------------------------------------------ messages
+
+    def handle(self, msg: pb.TargetMessage) -> list[pb.DraftMessage]:
+        """Apply one message; return what to send back (a Proposal, an Error, or nothing)."""
+        kind = msg.WhichOneof("kind")
+        seq = message_seq(msg)
+        try:
+            if kind == "start":
+                return [self._start(msg.start)]
+            if kind == "outcome":
+                return [self._outcome(msg.outcome)]
+            if kind == "stop":
+                self._drop(seq)
+                return []
+            return [self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop")]
+        except Exception as exc:  # a bug or a failed forward: close this sequence, keep the stream
+            log.exception("draft failed on %s for sequence %r", kind, seq)
+            return [self._failed(seq, "draft", exc)]
+
+    def speculate_step(self, seq: str) -> tuple[list[pb.DraftMessage], bool]:
+        """One forward of `seq`'s speculation (after its proposal was sent): (replies, more to do).
+
+        replies is [] or [Error INTERNAL] (the sequence is then closed).
+        """
+        session = self.sessions.get(seq)
+        if session is None:
+            return [], False
+        try:
+            more = session.speculate_step()
+            self.spec_steps += 1
+            return [], more
+        except Exception as exc:
+            log.exception("speculation failed for sequence %r", seq)
+            return [self._failed(seq, "speculation", exc)], False
+
+    def speculate(self, seq: str) -> list[pb.DraftMessage]:
+        """All of `seq`'s speculation at once. Returns [] or [Error INTERNAL]."""
+        while True:
+            out, more = self.speculate_step(seq)
+            if out or not more:
+                return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _start(self, m: pb.Start) -> pb.DraftMessage:
+        t0 = time.perf_counter()
+        opened = self._open(m, lambda ids, **kw: DraftSession(self.lm, ids, acceptance=self.acceptance,
+                                                               fanout_budget=self.fanout_budget, **kw))
+        if isinstance(opened, pb.DraftMessage):
+            return opened
+        session, plan = opened
+        self.sessions[m.seq] = session
+        return proposal_message(m.seq, session.first_proposal(plan), time.perf_counter() - t0)
+
+    def _outcome(self, m: pb.Outcome) -> pb.DraftMessage:
+        t0 = time.perf_counter()
+        prop = self._apply_outcome(m, DraftSession.on_outcome)
+        if isinstance(prop, pb.DraftMessage):
+            return prop
+        return proposal_message(m.seq, prop, time.perf_counter() - t0)
+
+    def _close(self, seq: str) -> DraftSession | None:
+        return self.sessions.pop(seq, None)
+
+
+class BatchDraftService(_StreamService):
     """The open sequences of one speculation stream on a `DraftScheduler` (native draft models).
 
     `handle_many(messages)` applies messages that arrived together, drafting every miss in the
@@ -235,14 +275,10 @@ class BatchDraftService:
 
     def __init__(self, lm: LM, fanout_budget: int = FANOUT_BUDGET, max_seqs: int = DRAFT_SLOTS,
                  max_model_len: int | None = DRAFT_MAX_LEN):
+        super().__init__(lm)
         self.scheduler = DraftScheduler(lm, max_seqs=max_seqs, max_model_len=max_model_len,
                                         fanout_budget=fanout_budget)
-        self.lm, self.acceptance = lm, self.scheduler.acceptance
-        self.started = 0
-        self.errors = 0
-        self._closed = {"hits": 0, "late_hits": 0, "misses": 0, "speculations": 0, "branches": 0}
-        self.answers = dict.fromkeys(ANSWERS, 0)
-        self.answer_s = dict.fromkeys(ANSWERS, 0.0)
+        self.acceptance = self.scheduler.acceptance
 
     @property
     def sessions(self) -> dict:
@@ -284,24 +320,12 @@ class BatchDraftService:
         out = []
         for seq, exc in self.scheduler.speculate_step().items():
             log.error("speculation failed for sequence %r: %s", seq, exc)
-            self._drop(seq)
-            out.append(self._error(seq, E.INTERNAL, f"speculation failed: {type(exc).__name__}: {exc}; "
-                                                    "the sequence is closed: Start it again or decode without the draft"))
+            out.append(self._failed(seq, "speculation", exc))
         return out
 
     @property
     def spec_steps(self) -> int:
         return self.scheduler.spec_steps
-
-    answered = DraftService.answered
-    stats = DraftService.stats
-    _count = DraftService._count
-    hits, late_hits, misses = DraftService.hits, DraftService.late_hits, DraftService.misses
-    _error = DraftService._error
-
-    def close(self) -> None:
-        for seq in list(self.sessions):
-            self._drop(seq)
 
     # ------------------------------------------------------------------ internals
 
@@ -321,46 +345,23 @@ class BatchDraftService:
         except Exception as exc:  # a bug: close this sequence, keep the stream
             log.exception("draft failed on %s for sequence %r", kind, seq)
             jobs.pop(seq, None)
-            self._drop(seq)
-            reply = self._error(seq, E.INTERNAL, f"draft failed: {type(exc).__name__}: {exc}; "
-                                                 "the sequence is closed: Start it again or decode without the draft")
+            reply = self._failed(seq, "draft", exc)
         if reply is None:
             kinds[seq] = kind
         return seq, arrived, reply
 
     def _start(self, m: pb.Start, jobs: dict) -> pb.DraftMessage | None:
-        if not m.seq:
-            return self._error("", E.INVALID_ARGUMENT, "Start.seq is empty: give every sequence an id")
-        if m.seq in self.sessions:
-            return self._error(m.seq, E.INVALID_ARGUMENT,
-                               f"sequence {m.seq!r} is already open on this stream: Stop it first or use a new id")
-        try:
-            kwargs = session_kwargs(m.params)
-        except ValueError as exc:
-            return self._error(m.seq, E.INVALID_ARGUMENT, f"bad SpecParams: {exc}")
-        try:
-            plan = plan_from(m)
-            session = self.scheduler.open(m.seq, list(m.prompt_ids), **kwargs)  # validates prompt, k, ...
-        except ValueError as exc:
-            return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
-        self.started += 1
+        opened = self._open(m, lambda ids, **kw: self.scheduler.open(m.seq, ids, **kw))
+        if isinstance(opened, pb.DraftMessage):
+            return opened
+        session, plan = opened
         jobs[m.seq] = session.first_program(plan)
         return None
 
     def _outcome(self, m: pb.Outcome, jobs: dict) -> pb.DraftMessage | None:
-        session = self.sessions.get(m.seq)
-        if session is None:
-            return self._error(m.seq, E.UNKNOWN_SEQUENCE,
-                               f"no open sequence {m.seq!r} on this stream (never started, stopped, or closed "
-                               "after an error): send Start first")
-        try:
-            job = session.outcome_program(int(m.round), int(m.accepted), int(m.token), plan_from(m))
-        except StaleRound as exc:
-            return self._error(m.seq, E.STALE_ROUND, str(exc))
-        except ValueError as exc:
-            return self._error(m.seq, E.INVALID_ARGUMENT, str(exc))
-        if m.HasField("speculate"):
-            session.speculating = m.speculate
+        job = self._apply_outcome(m, SlotSession.outcome_program)
+        if isinstance(job, pb.DraftMessage):
+            return job
         jobs[m.seq] = job
         return None
 
@@ -376,8 +377,7 @@ class BatchDraftService:
                 log.error("draft failed for sequence %r: %s", seq, res)
                 self._drop(seq)
                 code = E.INVALID_ARGUMENT if isinstance(res, ValueError) else E.INTERNAL
-                done[seq] = self._error(seq, code, f"draft failed: {res}; the sequence is closed: "
-                                                   "Start it again or decode without the draft")
+                done[seq] = self._error(seq, code, f"draft failed: {res}; {CLOSED_HINT}")
             else:
                 done[seq] = res
         for _, entries in plans:
@@ -395,11 +395,8 @@ class BatchDraftService:
             jobs.pop(seq, None)
             kinds.pop(seq, None)
 
-    def _drop(self, seq: str) -> None:
-        sess = self.scheduler.close(seq)
-        if sess is not None:
-            for name in self._closed:
-                self._closed[name] += getattr(sess, name)
+    def _close(self, seq: str):
+        return self.scheduler.close(seq)
 
 
 # ---------------------------------------------------------------------- the stream loop
