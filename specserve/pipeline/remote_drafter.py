@@ -383,49 +383,45 @@ class RemoteDrafter(Drafter):
         self.last_hit = bool(prop.cache_hit)
 
     @staticmethod
-    def _by_client(items) -> dict:
-        groups: dict[int, list] = {}
+    def _exchange(items: list[tuple], kind: str, message, answer) -> list[Exception | None]:
+        """One Batch per DraftClient for the drafters of `items` (each item's first element):
+        `message(item)` is its entry of `DraftClient.exchange`'s `kind` ("starts" or "outcomes"),
+        `answer(item, proposal)` takes its reply. Per item None, or the DraftUnavailable it got."""
+        out: list[Exception | None] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
         for n, it in enumerate(items):
-            groups.setdefault(id(it[0].client), []).append((n, it))
-        return groups
+            groups.setdefault(id(it[0].client), []).append(n)
+        for group in groups.values():
+            client = items[group[0]][0].client
+            timeout = max(items[n][0].timeout or client.timeout for n in group)
+            res = client.exchange(**{kind: [message(items[n]) for n in group]}, timeout=timeout)
+            for n in group:
+                r = res[items[n][0].seq]
+                try:
+                    if isinstance(r, Exception):
+                        raise r
+                    answer(items[n], r)
+                except DraftUnavailable as e:
+                    out[n] = e
+        return out
 
     @staticmethod
     def start_all(items):
         """The Starts of drafters sharing a DraftClient in one Batch each; a failure is raised by
         that drafter's next `propose`."""
-        for group in RemoteDrafter._by_client([it for it in items if it[0].prop is None]).values():
-            client = group[0][1][0].client
-            timeout = max((it[0].timeout or client.timeout) for _, it in group)
-            res = client.exchange(starts=[(d.seq, ids, d.params, plan) for _, (d, ids, plan) in group],
-                                  timeout=timeout)
-            for _, (d, _, plan) in group:
-                r = res[d.seq]
-                try:
-                    if isinstance(r, Exception):
-                        raise r
-                    d._take(r, plan)
-                except DraftUnavailable as e:
-                    d._failed = e
+        waiting = [it for it in items if it[0].prop is None]
+        failed = RemoteDrafter._exchange(waiting, "starts", lambda it: (it[0].seq, it[1], it[0].params, it[2]),
+                                         lambda it, prop: it[0]._take(prop, it[2]))
+        for (d, _, _), e in zip(waiting, failed):
+            if e is not None:
+                d._failed = e
 
     @staticmethod
     def outcome_all(items):
         """The outcomes of drafters sharing a DraftClient in one Batch each (one reply); per item None
         or its DraftUnavailable."""
-        out: list[Exception | None] = [None] * len(items)
-        for group in RemoteDrafter._by_client(items).values():
-            client = group[0][1][0].client
-            timeout = max((it[0].timeout or client.timeout) for _, it in group)
-            res = client.exchange(outcomes=[(d.seq, d.prop.round, a, t, plan) for _, (d, a, t, _, plan) in group],
-                                  timeout=timeout)
-            for n, (d, _, _, _, plan) in group:
-                r = res[d.seq]
-                try:
-                    if isinstance(r, Exception):
-                        raise r
-                    d._answered(r, plan)
-                except DraftUnavailable as e:
-                    out[n] = e
-        return out
+        return RemoteDrafter._exchange(items, "outcomes", lambda it: (it[0].seq, it[0].prop.round, it[1], it[2], it[4]),
+                                       lambda it, prop: it[0]._answered(prop, it[4]))
 
     def _take(self, prop: RemoteProposal, plan: KPlan) -> None:
         if len(prop.token_ids) > plan.k:
