@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specserve.engine.defaults import DRAFT_MAX_LEN, DRAFT_SLOTS
+from specserve.engine.defaults import DRAFT_MAX_LEN, DRAFT_SLOTS, MAX_PREFILL_TOKENS
 from specserve.serving.api import Limits
 
 __all__ = ["Replicas", "TargetConfig", "DraftConfig", "LimitsConfig", "RetryConfig", "AppConfig"]
@@ -102,6 +102,9 @@ class TargetConfig(_Strict):
     cache. A longer request runs on its own, unbatched."""
     max_queue_len: int = Field(16, ge=0)
     """Requests waiting for a free slot; one more gets RESOURCE_EXHAUSTED."""
+    max_prefill_tokens: int = Field(MAX_PREFILL_TOKENS, ge=1)
+    """Prompt tokens one engine round prefills beside the running rows' decoding; a longer prompt is
+    prefilled in chunks over several rounds, so it never stalls the others for more than one chunk."""
     replicas: Replicas = Replicas()
     """Scaling and resources of the target deployment; `max_ongoing_requests` must let the engine
     fill its batch (at least max_num_seqs; max_num_seqs + max_queue_len lets requests queue in it)."""

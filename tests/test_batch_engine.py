@@ -65,6 +65,57 @@ def test_every_row_of_a_batch_equals_its_batch_1_run(tiny, prompts, refs, mode, 
         assert eng.stats.accepted_tokens == eng.stats.draft_tokens > 0
 
 
+CHUNK_CASES = [("ar", None, None), ("sd", "draft-same", 3), ("sd", "draft-random", None)]
+
+
+@pytest.mark.parametrize("mode, draft, k", CHUNK_CASES, ids=[f"{m}-{d}-k{k}" for m, d, k in CHUNK_CASES])
+def test_long_prompts_are_prefilled_in_chunks_while_the_others_decode_exactly(tiny, prompts, refs, mode, draft, k):
+    """max_prefill_tokens=64: the 300- and 130-token prompts are fed over several rounds, no forward
+    prefills more than 64 prompt tokens, the short rows commit tokens meanwhile, and every row
+    equals its batch-1 ar run."""
+    eng = engine(tiny, draft, max_prefill_tokens=64)
+    fed, forward = [], eng.trun.forward
+
+    def spy(slots, tokens, lens, keep):  # a row feeds lens - keep + 1 uncached tokens (keep = drafts + 1)
+        fed.append(sum(n - kp + 1 for n, kp in zip(lens, keep) if n - kp > 0))
+        return forward(slots, tokens, lens, keep)
+
+    eng.trun.forward = spy
+    reqs = [Request(p, N_NEW, spec=spec(mode, k)) for p in prompts[:4]]
+    ids = [eng.add(r) for r in reqs]
+    got, first_of_long = {i: [] for i in ids}, None
+    for rnd in range(500):
+        if rnd == 2:
+            rid = eng.add(Request(prompts[5], N_NEW, spec=spec(mode, k)))  # joins while the long one prefills
+            ids.append(rid)
+            got[rid] = []
+        for rid, chunk in eng.step():
+            got[rid].extend(chunk.token_ids)
+            if rid == ids[2] and first_of_long is None and chunk.token_ids:
+                first_of_long = {i: len(got[i]) for i in ids[:2]}
+        if not eng.has_work():
+            break
+    assert [got[i] for i in ids] == refs[:4] + [refs[5]]
+    assert max(fed) <= 64 and eng.stats.prefill_chunks >= 300 // 64
+    assert min(first_of_long.values()) >= 3  # the short rows decoded while the 300-token prompt was fed
+    assert eng.trun.cache.num_free == 4 and not eng.seqs
+
+
+def test_a_seeded_sampled_row_draws_the_same_tokens_whether_its_prompt_is_chunked_or_not(tiny, prompts):
+    """A chunk round draws nothing from the row's generator (fixed k: the same draws per round after it)."""
+    from specserve.engine.sampling import SamplingParams
+
+    def run(budget):
+        eng = engine(tiny, "draft-random", max_prefill_tokens=budget)
+        res = run_to_completion(eng, [Request(prompts[5], N_NEW, SamplingParams(temperature=1.0), seed=7,
+                                              spec=spec("sd", 2)), Request(prompts[1], N_NEW, spec=spec("ar"))])
+        return [v[0] for v in res.values()], eng.stats.prefill_chunks
+
+    (chunked, c1), (whole, c0) = run(16), run(512)
+    assert c1 >= 130 // 16 and c0 == 0
+    assert chunked == whole
+
+
 def test_rows_finish_at_different_rounds_by_eos_stop_and_budget(tiny, tiny_dir, prompts, refs):
     target = load_model(str(tiny_dir / "target"), dtype="float32")  # a private copy to change
     eos = refs[1][9]
@@ -243,3 +294,6 @@ def test_other_families_run_through_the_serial_fallback_exactly():
     res = run_to_completion(eng, [Request(p, 12, spec=spec("sd", 3)) for p in ps] + [Request(ps[0], 12, spec=spec("ar"))])
     outs = [v[0] for v in res.values()]
     assert outs == [ar_reference(lm, p, 12) for p in ps] + [ar_reference(lm, ps[0], 12)]
+    chunked = Engine(lm, lm, max_num_seqs=3, max_model_len=128, max_prefill_tokens=8)  # the 30-token prompt in 4
+    res = run_to_completion(chunked, [Request(p, 12, spec=spec("sd", 3)) for p in ps])
+    assert [v[0] for v in res.values()] == outs[:3] and chunked.stats.prefill_chunks >= 3

@@ -90,13 +90,31 @@ def test_scheduler_admits_by_free_slots_and_aborts_at_the_round_boundary():
     assert s.update_from_output(out.running, [1, 0], [2, 0]) == [a] and s.running == [c]
 
 
-def test_max_prefill_tokens_admits_at_least_one_and_stops_at_the_budget():
-    s = Scheduler(max_num_seqs=4, max_queue_len=8, policy=policy(1, 0, 0, 0), speculate=False, max_prefill_tokens=10)
+def test_max_prefill_tokens_chunks_a_long_prompt_and_admits_the_next_ones_after_it():
+    s = Scheduler(max_num_seqs=4, max_queue_len=8, policy=policy(1, 0, 0, 0), speculate=True, max_prefill_tokens=10)
     big, small1, small2 = seq(30), seq(4), seq(4)
     for x in (big, small1, small2):
         s.add(x)
-    assert s.schedule(4).prefill == [big]  # over the budget, but alone: it goes
-    assert s.schedule(3).prefill == [small1, small2]
+    for _ in range(2):  # the engine advances `cached` by what each round fed
+        out = s.schedule(4)
+        assert out.running == [big] and out.feeds == [10] and out.draft_lens == [0]  # a chunk drafts nothing
+        big.cached += 10
+    out = s.schedule(4)  # the last piece: a whole row again, it speculates and commits its first token
+    assert out.feeds == [10] and out.draft_lens[0] > 0 and not out.prefill
+    big.cached, big.ids = 30, big.ids + [1]
+    out = s.schedule(3)
+    assert out.prefill == [small1, small2] and out.feeds == [1, 4, 4] and out.draft_lens[0] > 0
+    assert Scheduler(1, 1, policy(1, 0, 0, 0), speculate=False, max_prefill_tokens=1)  # the least budget
+    with pytest.raises(ValueError, match="max_prefill_tokens must be >= 1"):
+        Scheduler(1, 1, policy(1, 0, 0, 0), speculate=False, max_prefill_tokens=0)
+
+
+def test_prefill_feeds_share_the_budget_oldest_first():
+    from specserve.engine.scheduler import prefill_feeds
+
+    assert prefill_feeds([1, 30, 1, 8], 10) == [1, 10, 1, 1]  # decode rows always feed their token
+    assert prefill_feeds([5, 8, 40], 20) == [5, 8, 7]
+    assert prefill_feeds([1, 1], 1) == [1, 1]
 
 
 def test_acceptance_is_smoothed_per_sequence():

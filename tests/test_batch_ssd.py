@@ -212,3 +212,20 @@ def test_ssd_rows_admitted_while_the_policy_has_ssd_speculation_off_start_later_
     for s in seqs:
         assert s.stats.drafted_per_round[:3] == [0, 0, 0] and max(s.stats.drafted_per_round) > 0, s.stats
         assert not s.stats.fallback
+
+
+def test_an_ssd_row_whose_prompt_is_prefilled_in_chunks_starts_its_drafter_after_the_last_chunk(tiny, draft_clients,
+                                                                                               prompts):
+    """max_prefill_tokens=32: the 250-token ssd row drafts nothing while its prompt is fed, its
+    drafter starts with the whole prompt in its last prefill round, and it stays exact (a perfect
+    draft then hits its cache); the short ssd row beside it speculates throughout."""
+    target = tiny["target"]
+    refs = [ar_reference(target, p, N_NEW) for p in prompts[:3]]
+    eng = Engine(target, None, max_num_seqs=4, max_model_len=512, max_prefill_tokens=32)
+    res = run_to_completion(eng, [ssd_request(draft_clients["draft-same"], target, p, k=3) for p in prompts[:3]])
+    assert [tokens for tokens, _, _ in res.values()] == refs
+    seqs = [s for _, _, s in res.values()]
+    assert eng.stats.prefill_chunks >= 250 // 32
+    long = seqs[2].stats
+    assert long.rounds < N_NEW and long.cache_hits > 0 and not long.fallback  # it speculated once its prompt was in
+    assert seqs[0].stats.drafted_per_round[0] > 0  # the 1-token prompt drafts in its first round

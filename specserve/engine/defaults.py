@@ -13,3 +13,4 @@ FANOUT_BUDGET = 8  # ssd: the most branches a round's speculation drafts
 FANOUT_MIN_GAIN = 0.01  # ssd: a branch must be the outcome with at least this probability to be drafted
 DRAFT_SLOTS = 8  # ssd at batch: sequences one speculation stream holds at once (a draft worker's slots per stream)
 DRAFT_MAX_LEN = 2048  # ... and the longest sequence (prompt + output) a slot holds, as the target's max_model_len
+MAX_PREFILL_TOKENS = 512  # the batching engine: prompt tokens one round prefills; a longer prompt is fed in chunks

@@ -14,7 +14,9 @@ One `step()` is one round over every running row:
                   row's uncached tokens (a new prompt, or the catch-up after k = 0 rounds), the
                   next ones feed d_j. Skipped entirely when every k_i is 0.
   3. verify    -- ONE target forward over every row's uncached tokens + drafts (a new prompt is
-                  prefilled here, beside the others' verification).
+                  prefilled here, beside the others' verification; at most `max_prefill_tokens`
+                  prompt tokens a round: a longer prompt is fed in chunks over several rounds, its
+                  row committing nothing until the last, see scheduler.py).
   4. accept    -- batched rejection sampling, each row with its own generator.
   5. commit    -- the round's single host read (`_verify`: accepted counts and output ids,
                   one `.tolist()`); each sequence commits (EOS / budget / stop cut), both caches
@@ -56,6 +58,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .defaults import MAX_PREFILL_TOKENS
 from .device import Clock, draw, synchronize, to_device
 from .lm import LM, check_pair
 from .runner import make_runner
@@ -80,6 +83,7 @@ class EngineStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     miss_k_rounds: dict = field(default_factory=dict)  # KPlan.miss_k -> rounds whose ssd rows were told it
+    prefill_chunks: int = 0  # row-rounds that fed only part of a prompt (max_prefill_tokens)
 
     def to_dict(self, engine: "Engine") -> dict:
         r = max(self.rounds, 1)
@@ -90,13 +94,14 @@ class EngineStats:
                 "acceptance_rate": round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else 0.0,
                 "committed_tokens": self.committed_tokens, "draft_s": round(self.draft_s, 4),
                 "verify_s": round(self.verify_s, 4), "miss_k_rounds": dict(sorted(self.miss_k_rounds.items())),
+                "prefill_chunks": self.prefill_chunks,
                 **engine.capacity()}
 
 
 class Engine:
     def __init__(self, target: LM, draft: LM | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
                  max_queue_len: int = 64, k_max: int = 8, k_init: int = 4, hysteresis: float = 0.05,
-                 max_prefill_tokens: int = 4096, native: bool | None = None, probe: bool = True,
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, native: bool | None = None, probe: bool = True,
                  cost: CostModel | None = None, ssd_skip_misses: bool = True):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -171,6 +176,10 @@ class Engine:
         rows, kd = out.running, out.draft_lens
         if not rows:
             return events
+        feeds = [min(f, s.uncached) for s, f in zip(rows, out.feeds)]  # a parked prefix may have spared some
+        chunk = [f < s.uncached for s, f in zip(rows, feeds)]  # rows feeding part of their prompt: no output
+        if any(chunk):
+            self._draft_chunks([s for s, c in zip(rows, chunk) if c], [f for f, c in zip(feeds, chunk) if c])
         clock = self.clock
         self._draft_marks.clear()  # a round that raised must not leave its marks to the next one
         t0 = clock.mark()
@@ -178,19 +187,25 @@ class Engine:
         proposals = self._proposals(rows, kd)  # ssd rows: kd[b] becomes its proposal's length
         drafts, q = self._draft(rows, kd, proposals)  # [sum kd] long, [sum kd, V] | None
         t1 = clock.mark()
-        n, outs, n_tokens, t2 = self._verify(rows, kd, drafts, q)  # t2: marked before the host read
+        n, outs, n_tokens, t2 = self._verify(rows, kd, drafts, q, feeds, chunk)  # t2: marked before the host read
         draft_s, verify_s = clock.seconds(t0, t1), clock.seconds(t1, t2)  # complete now: no sync
         for tokens, a, b in self._draft_marks:
             self.policy.cost.draft.observe(tokens, clock.seconds(a, b))
         self.policy.cost.target.observe(n_tokens, verify_s)
         tells = []
-        for s, k, nb, o in zip(rows, kd, n, outs):
-            committed = len(s.ids) + nb
+        for b, (s, k, o) in enumerate(zip(rows, kd, outs)):
+            s.stats.verify_s += verify_s  # each row waits for the whole round
+            s.stats.draft_wait_s += draft_s
+            if chunk[b]:  # a prefill chunk: the cache holds more of the prompt, nothing is committed
+                n[b] = 0
+                s.cached += feeds[b]
+                self.stats.prefill_chunks += 1
+                continue
+            nb = n[b]
+            committed = s.cached = len(s.ids) + nb
             self.trun.cache.set_length(s.slot, committed)
             if self.drun is not None:
                 self.drun.cache.set_length(s.slot, min(self.drun.cache.length(s.slot), committed))
-            s.stats.verify_s += verify_s  # each row waits for the whole round
-            s.stats.draft_wait_s += draft_s
             events.append((s.id, s.commit(o[:nb], o[nb], drafted=k)))
             if s.spec.mode == "ssd":
                 s.stats.hit_per_round.append(int(k > 0 and s.drafter is not None and s.drafter.last_hit))
@@ -200,7 +215,7 @@ class Engine:
         for s in self.scheduler.update_from_output(rows, n, kd):
             self._release(s)
             self.seqs.pop(s.id, None)
-        self._account(rows, kd, n, draft_s, verify_s)
+        self._account(rows, kd, n, draft_s, verify_s, committing=len(rows) - sum(chunk))
         return events
 
     def _take_slot(self, s: Sequence) -> None:
@@ -214,12 +229,12 @@ class Engine:
             for run in (self.trun, self.drun):
                 if run is not None:
                     run.cache.set_length(s.slot, min(run.cache.length(s.slot), n))
-            s.stats.prefix_reused = self.trun.cache.length(s.slot)
+            s.stats.prefix_reused = s.cached = self.trun.cache.length(s.slot)
             return
         if self.trun.cache.num_free == 0:  # admission counted the parked slots as free: drop the oldest
             _, (slot, _) = self.parked.popitem(last=False)
             self._free_slot(slot)
-        s.slot = self.trun.cache.alloc()
+        s.slot, s.cached = self.trun.cache.alloc(), 0
         if self.drun is not None and self.drun.cache.alloc() != s.slot:
             raise RuntimeError("target and draft slot pools went out of step")
 
@@ -392,20 +407,35 @@ class Engine:
             logits = self._draft_forward([rows[b].slot for b in act], sel, [1] * len(act))
         return drafts, q
 
-    def _draft_forward(self, slots, tokens, lens):
+    def _draft_forward(self, slots, tokens, lens, keep: int = 1):
         """One batched draft step; its time marks are read after the round's host read (step)."""
         t0 = self.clock.mark()
-        logits, _ = self.drun.forward(slots, tokens, lens, [1] * len(slots))  # [A, V]
+        logits, _ = self.drun.forward(slots, tokens, lens, [keep] * len(slots))  # [A * keep, V]
         self._draft_marks.append((sum(lens), t0, self.clock.mark()))
         return logits
 
-    def _verify(self, rows: list[Sequence], kd: list[int], drafts: torch.Tensor, q):
+    def _draft_chunks(self, rows: list[Sequence], feeds: list[int]) -> None:
+        """Rows prefilling a chunk of their prompt this round: the sd ones feed the same tokens to
+        the draft's cache too (one draft forward), so that the draft never catches up a whole long
+        prompt in one step when the row starts drafting."""
+        if self.drun is None:
+            return
+        cache = self.drun.cache
+        sd = [(s, s.ids[cache.length(s.slot):s.cached + f]) for s, f in zip(rows, feeds)
+              if s.speculates and cache.length(s.slot) < s.cached + f]
+        if sd:
+            tokens = to_device([t for _, u in sd for t in u], self.device)
+            self._draft_forward([s.slot for s, _ in sd], tokens, [len(u) for _, u in sd], keep=0)
+
+    def _verify(self, rows: list[Sequence], kd: list[int], drafts: torch.Tensor, q, feeds: list[int],
+                chunk: list[bool]):
         """One target forward + batched rejection sampling; the round's one host read.
 
+        feeds[b]: the uncached tokens row b feeds; chunk[b]: they are only part of its prompt (its
+        output is not used, and it draws nothing from its generator).
         Returns (accepted [B], output ids per row, flat tokens, the clock mark taken just before
         the read, so that every mark of the round has completed when step() reads them)."""
-        cache = self.trun.cache
-        unc = [s.ids[cache.length(s.slot):] for s in rows]  # uncached committed tokens (>= 1 each)
+        unc = [s.ids[s.cached:s.cached + f] for s, f in zip(rows, feeds)]  # uncached committed tokens (>= 1 each)
         lens = [len(u) + k for u, k in zip(unc, kd)]
         host_pos, host_tok, draft_pos, start = [], [], [], 0
         for u, k, L in zip(unc, kd, lens):
@@ -422,12 +452,12 @@ class Engine:
         logits, _ = self.trun.forward([s.slot for s in rows], tokens, lens, [k + 1 for k in kd])  # [sum kd + B, V]
         p = warp_rows(logits, [s.sp for s in rows], [k + 1 for k in kd])
         n, _, out_ids = batched_rejection_sample(drafts, kd, q, p, [s.gen for s in rows],
-                                                 greedy=[s.sp.greedy for s in rows])
+                                                 greedy=[s.sp.greedy or c for s, c in zip(rows, chunk)])
         mark = self.clock.mark()
         host = torch.cat([n[:, None], out_ids], 1).tolist()  # THE host sync of the round
         return [h[0] for h in host], [h[1:] for h in host], start, mark
 
-    def _account(self, rows, kd, n, draft_s, verify_s) -> None:
+    def _account(self, rows, kd, n, draft_s, verify_s, committing: int) -> None:
         st = self.stats
         st.rounds += 1
         st.row_rounds += len(rows)
@@ -435,7 +465,7 @@ class Engine:
         st.drafted_rows += sum(1 for x in kd if x)
         st.draft_tokens += sum(kd)
         st.accepted_tokens += sum(n)
-        st.committed_tokens += sum(n) + len(rows)
+        st.committed_tokens += sum(n) + committing
         st.k_sum += max(kd)
         st.draft_s += draft_s
         st.verify_s += verify_s

@@ -6,16 +6,19 @@ aborts, admits waiting sequences while slots are free, and picks the round's k. 
 tensors and never preempts: every slot is preallocated for max_model_len tokens, so a running
 sequence can never run out of cache.
 
-Prefill: neither a separate forward nor chunks. An admitted prompt goes through the SAME target
-forward as the other rows' verification, in its first round (it even speculates in that round:
-the draft prefills it in its first draft step). Why: one forward per round keeps one host sync per
-round and gives the new row its first token after one round; the runner runs linears on flat
-tokens and groups rows by length for attention, so the short rows pay no padding beside a long
-prompt; measured on the 1.5B shape (docs/batching-forward.md), a 300-token prompt beside 8 rows
-verifying 5 costs 13.5 s in one forward vs 13.8 s as two. The cost is a latency spike for the
-running rows during a long prompt's round (they would wait for a separate prefill forward too);
-`max_prefill_tokens` bounds the prompt tokens admitted per round (a longer prompt is admitted
-alone). Chunking a long prompt across rounds is what caps that spike: not done yet.
+Prefill: no separate forward, and chunked. An admitted prompt goes through the SAME target
+forward as the other rows' verification (in its last prefill round it even speculates: the draft
+prefills it in its first draft step). Why: one forward per round keeps one host sync per round and
+gives a short new row its first token after one round; the runner runs linears on flat tokens and
+groups rows by length for attention, so the short rows pay no padding beside a long prompt;
+measured on the 1.5B shape (docs/batching-forward.md), a 300-token prompt beside 8 rows verifying 5
+costs 13.5 s in one forward vs 13.8 s as two. What one round may prefill is capped by
+`max_prefill_tokens`: the rows still prefilling take the budget oldest first (a row's uncached
+prompt tokens; a decoding row's one uncached token is not counted), and a prompt longer than its
+share is fed in chunks over several rounds, in which that row drafts nothing and commits nothing
+(`SchedulerOutput.feeds`). So a long prompt never stalls the running rows for more than one
+chunk's forward. Waiting requests are admitted while the budget has room after the rows already
+prefilling (so a row's prefill finishes before newer prompts take the budget).
 
 The k policy: `KPolicy` picks one k per round for the rows that let the scheduler choose, from
 the `CostModel` (forward seconds as a function of tokens, learnt online from the engine's timings
@@ -37,11 +40,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .defaults import K
+from .defaults import K, MAX_PREFILL_TOKENS
 from .sequence import Sequence
 
-__all__ = ["QueueFull", "LinearCost", "MeasuredCost", "CostModel", "KPolicy", "expected_tokens", "ssd_miss_k", "Scheduler",
-           "SchedulerOutput"]
+__all__ = ["QueueFull", "LinearCost", "MeasuredCost", "CostModel", "KPolicy", "expected_tokens", "ssd_miss_k", "prefill_feeds",
+           "Scheduler", "SchedulerOutput"]
 
 
 class QueueFull(RuntimeError):
@@ -227,6 +230,21 @@ def ssd_miss_k(cost: CostModel, base_tokens: int, others: list[float],
     return best
 
 
+def prefill_feeds(uncached: list[int], budget: int) -> list[int]:
+    """The uncached tokens each row feeds this round: all of them for a decoding row (one), and for
+    rows still prefilling (more than one) the round's `budget` shared in row order (oldest first):
+    a row gets min(its uncached, what is left), at least one token."""
+    out = []
+    for u in uncached:
+        if u > 1:
+            f = max(1, min(u, budget))
+            budget -= f
+            out.append(f)
+        else:
+            out.append(u)
+    return out
+
+
 @dataclass
 class SchedulerOutput:
     """One round's plan (plain data; the engine applies it to the caches)."""
@@ -235,15 +253,18 @@ class SchedulerOutput:
     running: list[Sequence] = field(default_factory=list)  # every row of this round (prefill included)
     k: int = 0  # the round's k for rows without a fixed k
     draft_lens: list[int] = field(default_factory=list)  # per running row: its drafts this round
+    feeds: list[int] = field(default_factory=list)  # per running row: uncached tokens it feeds (< uncached: a chunk)
     aborted: list[Sequence] = field(default_factory=list)  # were running: free their slots
     preempted: list[Sequence] = field(default_factory=list)  # always empty: caches are preallocated
 
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_queue_len: int, policy: KPolicy, speculate: bool,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS):
         if max_queue_len < 0:
             raise ValueError(f"max_queue_len must be >= 0, got {max_queue_len}")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1 (prompt tokens prefilled per round), got {max_prefill_tokens}")
         self.max_num_seqs, self.max_queue_len = max_num_seqs, max_queue_len
         self.policy, self.speculate, self.max_prefill_tokens = policy, speculate, max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
@@ -277,20 +298,20 @@ class Scheduler:
                 out.aborted.append(s)
                 free_slots += 1
             self._abort.clear()
-        budget = self.max_prefill_tokens
-        while self.waiting and free_slots > 0 and len(self.running) < self.max_num_seqs:
-            n = len(self.waiting[0].ids)  # prefilled: the prompt and any resumed output
-            if out.prefill and n > budget:
-                break  # the first admission always goes, even when alone over the budget
+        budget = self.max_prefill_tokens - sum(s.uncached for s in self.running if s.uncached > 1)
+        while self.waiting and free_slots > 0 and len(self.running) < self.max_num_seqs and budget > 0:
             s = self.waiting.popleft()
-            budget -= n
+            budget -= s.uncached  # the prompt and any resumed output (a parked prefix may spare some)
             free_slots -= 1
             self.running.append(s)
             out.prefill.append(s)
-        out.running = list(self.running)
-        rows = [(s.acceptance, s.spec.k) for s in out.running if self.speculate and s.speculates]
+        out.running, out.feeds = list(self.running), prefill_feeds([s.uncached for s in self.running],
+                                                                   self.max_prefill_tokens)
+        whole = [f == s.uncached for s, f in zip(out.running, out.feeds)]  # False: a prefill chunk, no drafts
+        rows = [(s.acceptance, s.spec.k) for s, w in zip(out.running, whole) if w and self.speculate and s.speculates]
         out.k = self.policy.choose(rows) if rows else self.policy.k
-        out.draft_lens = [s.draft_len(out.k) if self.speculate or s.external else 0 for s in out.running]
+        out.draft_lens = [s.draft_len(out.k) if w and (self.speculate or s.external) else 0
+                          for s, w in zip(out.running, whole)]
         return out
 
     def update_from_output(self, rows: list[Sequence], accepted: list[int], drafted: list[int]) -> list[Sequence]:

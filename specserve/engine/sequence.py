@@ -102,6 +102,7 @@ class Sequence:
         self.stats = Stats(prompt_tokens=len(prompt), new_tokens=len(resume))
         self.finish_reason: str | None = None
         self.slot: int | None = None
+        self.cached = 0  # ids[:cached] are in the target's KV slot (engine-set)
         self.ssd_next: int | None = None  # ssd: the policy's k for the next proposal (engine-set)
         # speculation state the scheduler reads: geometric acceptance, smoothed (pseudo-counts)
         self.acc_hits, self.acc_tries = acceptance_prior * 4, 4.0
@@ -115,6 +116,12 @@ class Sequence:
     @property
     def remaining(self) -> int:
         return self.budget - self.new_tokens
+
+    @property
+    def uncached(self) -> int:
+        """Committed tokens the target has not seen yet: the prompt (or what of it is left to
+        prefill), else the last round's token (1)."""
+        return len(self.ids) - self.cached
 
     @property
     def speculates(self) -> bool:
