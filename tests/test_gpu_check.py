@@ -27,13 +27,16 @@ def test_quick_cost_table_feeds_simulate(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "PASS cost table" in printed and "SUMMARY: 1 passed, 0 failed" in printed
     table = CostTable.load(out)
-    assert set(table.target) == set(table.draft) == {"1x1", "1x3", "8x1", "8x3"}
+    assert set(table.target) == {"1x1", "1x3", "8x1", "8x3"}
+    assert set(table.draft) == {"1x1", "1x3", "8x1", "8x3", "64x1", "64x3"}  # and a batch of 8's branch rows
     assert table.device == "cpu" and table.dtype == "float32" and table.meta["reps"] == 1
     trace = tmp_path / "bench.json"
     trace.write_text(json.dumps(TRACE))
     assert cli(["simulate", str(trace), "--costs", str(out)]) == 0  # ssd at batch 1: 8 branch rows, measured
     assert "| ssd |" in capsys.readouterr().out
-    assert cli(["simulate", str(trace), "--costs", str(out), "--batch", "2"]) == 2  # 16 branch rows: not measured
+    assert cli(["simulate", str(trace), "--costs", str(out), "--batch", "8"]) == 0  # 64 branch rows: measured
+    assert "| ssd |" in capsys.readouterr().out
+    assert cli(["simulate", str(trace), "--costs", str(out), "--batch", "8", "--branches", "16"]) == 2  # 128: not
     assert "draft rows" in capsys.readouterr().err
 
 
@@ -41,7 +44,7 @@ def test_exactness_checks_pass_on_the_cpu(capsys):
     """Part (a) with the tiny models: every mode equals ar (on CUDA the script also counts syncs)."""
     assert main(["--device", "cpu", "--quick", "--skip-costs"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("PASS ") == 7 and "FAIL" not in printed
+    assert printed.count("PASS ") == 9 and "FAIL" not in printed
 
 
 def test_refusals_name_the_flag(capsys):

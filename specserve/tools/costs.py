@@ -2,7 +2,7 @@
 
 No download: the models are built from configs (Qwen2.5-Coder-1.5B as target, 0.5B as draft) with
 random weights, which cost what trained ones cost. For each of rows x tokens (default {1, 8, 32} x
-{1, 5}) every row holds a `ctx`-token context (128) and the forward appends `tokens` tokens to each
+{1, 5}; the draft also at 8 x those rows, a batch's speculation branches) every row holds a `ctx`-token context (128) and the forward appends `tokens` tokens to each
 row, keeping all their logits, as a verify round does; after `warmup` untimed calls, `reps` timed
 calls (>= 10 by default), each between two device synchronizations, give the median in ms. The
 result is a `CostTable` (tools/cost_table.py). `quick` swaps in tiny shapes so that the same code
@@ -18,11 +18,12 @@ import time
 
 import torch
 
+from ..engine.defaults import FANOUT_BUDGET
 from ..engine.device import synchronize
 from ..engine.runner import make_runner
 from .cost_table import CostTable, key
 
-__all__ = ["SHAPES", "QUICK_SHAPES", "build_random", "time_forward", "measure", "measure_pair"]
+__all__ = ["SHAPES", "QUICK_SHAPES", "build_random", "time_forward", "measure", "branch_rows", "measure_pair"]
 
 _COMMON = dict(tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768,
                use_sliding_window=False)
@@ -90,17 +91,25 @@ def measure(model, rows: list[int], tokens: list[int], ctx: int, warmup: int, re
     return out
 
 
+def branch_rows(rows, branches: int = FANOUT_BUDGET) -> list[int]:
+    """The draft's rows to time for target batches of `rows`: those, and `branches` x each (an ssd
+    speculation step drafts every row's branches in one forward, which `simulate --costs` prices)."""
+    return sorted({r for r in rows} | {branches * r for r in rows})
+
+
 def measure_pair(device: str, dtype: str, quick: bool = False, rows=(1, 8, 32), tokens=(1, 5), ctx: int = 128,
-                 warmup: int = 3, reps: int = 10, log=print) -> CostTable:
-    """Build the target, measure it, free it, then the draft: a CostTable (one model in memory at a time)."""
+                 warmup: int = 3, reps: int = 10, log=print, draft_rows=None) -> CostTable:
+    """Build the target, measure it, free it, then the draft: a CostTable (one model in memory at a time).
+
+    draft_rows: the draft's rows (default `branch_rows(rows)`)."""
     if reps < 1 or warmup < 0 or ctx < 1:
         raise ValueError(f"reps must be >= 1, warmup >= 0 and ctx >= 1, got {reps}, {warmup}, {ctx}")
     shapes = QUICK_SHAPES if quick else SHAPES
-    tables = {}
+    tables, grid = {}, {"target": sorted(rows), "draft": sorted(draft_rows or branch_rows(rows))}
     for name in ("target", "draft"):
         log(f"{name}: random weights, {'quick' if quick else 'real'} shape, {dtype} on {device}")
         model = build_random(shapes[name], device, dtype)
-        tables[name] = measure(model, sorted(rows), sorted(tokens), ctx, warmup, reps, log)
+        tables[name] = measure(model, grid[name], sorted(tokens), ctx, warmup, reps, log)
         del model
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()

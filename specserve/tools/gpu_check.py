@@ -5,11 +5,13 @@
 (scripts/gpu_check.sh runs it with a time limit.) Part (a), tiny random models (built offline
 into a temp dir, fp32 on the device): `generate()` in ar, sd and ssd (a draft worker served in this
 process over gRPC, its draft on the same device) and the batching `Engine` at batch 1 and 4 in ar
-and sd, every sequence equal to its own ar run, plus a seeded sampled engine run at batch 1 and 4
+and sd, with prompts prefilled in chunks, and in ssd at batch 4 (the batched draft worker on the
+device), every sequence equal to its own ar run, plus a seeded sampled engine run at batch 1 and 4
 (the same tokens: per-row generators); on CUDA every engine round runs under
 `torch.cuda.set_sync_debug_mode("warn")`, which must report at most one sync a round. Part (b),
 tools/costs.py: random-weight models of the real pair's shapes in bf16, `NativeRunner.forward`
-timed by rows x tokens, written as a cost table for `specserve simulate --costs`. `--quick` (tiny
+timed by rows x tokens (the draft also at the branch rows of an ssd speculation step at those
+batches), written as a cost table for `specserve simulate --costs [--batch 8 | 32]`. `--quick` (tiny
 shapes, fewer tokens) runs the same code on the CPU in seconds. Prints one PASS/FAIL line per
 check and a summary; exits 1 if any check failed.
 """
@@ -86,7 +88,7 @@ def _count_syncs(engine, device: str, requests: list) -> tuple[list[int], dict]:
 
 
 def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) -> None:
-    from ..engine.engine import Engine
+    from ..engine.engine import Engine, run_to_completion
     from ..engine.lm import load_model
     from ..engine.sampling import SamplingParams
     from ..engine.sequence import Request, SpeculationParams
@@ -155,6 +157,45 @@ def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) ->
                         + (f", syncs per round max {max(syncs)}" if syncs else ""))
             report.check(f"engine {mode} batch {batch} == ar (greedy)", engine_case)
 
+    def chunked():
+        eng = Engine(target, draft, max_num_seqs=4, max_model_len=512, k_init=3, max_prefill_tokens=8)
+        reqs = [Request(p, n_new, spec=SpeculationParams(mode="sd", k=3)) for p in prompts]
+        syncs, res = _count_syncs(eng, device, reqs)
+        for i, ((ids, _, _), r, p) in enumerate(zip(res.values(), refs, prompts)):
+            _same(ids, r, f"engine sd@4, chunked prefill, row {i}", target, p)
+        if eng.stats.prefill_chunks == 0:
+            raise AssertionError("no prompt was prefilled in chunks: the check did not test chunking")
+        if syncs and max(syncs[1:] or [0]) > 1:
+            raise AssertionError(f"CUDA syncs per round {syncs}: a chunk round must make one host read too")
+        return f"{eng.stats.prefill_chunks} prefill chunks"
+    report.check("engine sd batch 4, prompts prefilled 8 tokens a round, == ar (greedy)", chunked)
+
+    def ssd_batch():
+        from ..pipeline.remote_drafter import RemoteDrafter
+
+        server = serve(lms["draft-same"], port=0)  # the batched draft service: a DraftScheduler on the device
+        try:
+            if not server.servicer.batched:
+                raise AssertionError("the draft worker did not pick the batched service for a native draft")
+            with DraftClient(server.address, timeout=60) as client:
+                eng = Engine(target, None, max_num_seqs=4, max_model_len=512)
+                reqs = [Request(p, n_new, spec=SpeculationParams("ssd", 3), drafter=RemoteDrafter(
+                    client, p, target.vocab_size, k=3, max_new_tokens=n_new, timeout=60)) for p in prompts]
+                res = run_to_completion(eng, reqs)
+                for i, ((ids, _, seq), r, p) in enumerate(zip(res.values(), refs, prompts)):
+                    _same(ids, r, f"engine ssd@4 row {i}", target, p)
+                    if seq.stats.fallback:
+                        raise AssertionError(f"ssd row {i} fell back to ar ({seq.stats.fallback})")
+            st = server.servicer.stats()
+            rate = st["hits"] / max(st["hits"] + st["misses"], 1)
+            if rate < 0.9:
+                raise AssertionError(f"a draft equal to the target hit its speculation cache {rate:.2f} of the time "
+                                     "(>= 0.9 expected): the batched speculation drafts the wrong branches here")
+            return f"cache hit rate {rate:.2f}, {st['branches_per_speculation']} branches per speculation"
+        finally:
+            server.stop(grace=None)
+    report.check("engine ssd batch 4 == ar (greedy, batched draft worker on the device)", ssd_batch)
+
     def sampled():
         outs = []
         for batch in (1, 4):
@@ -175,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="gpu_costs.json", help="where to write the cost table (default gpu_costs.json)")
     ap.add_argument("--dtype", default=None, help="cost-table dtype (default bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--rows", default="1,8,32", help="rows per forward to time (default 1,8,32)")
+    ap.add_argument("--draft-rows", default=None,
+                    help="the draft's rows to time (default: --rows and 8 x each, the branch rows of an ssd "
+                         "speculation step at those batches: 1,8,32,64,256)")
     ap.add_argument("--tokens", default="1,5", help="new tokens per row to time (default 1,5)")
     ap.add_argument("--reps", type=int, default=10, help="timed calls per point, median kept (default 10)")
     ap.add_argument("--skip-exactness", action="store_true")
@@ -192,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     try:
         rows, tokens = ([int(x) for x in s.split(",")] for s in (a.rows, a.tokens))
+        draft_rows = [int(x) for x in a.draft_rows.split(",")] if a.draft_rows else None
     except ValueError:
-        ap.error(f"--rows and --tokens are comma-separated ints, got {a.rows!r} and {a.tokens!r}")
+        ap.error(f"--rows, --draft-rows and --tokens are comma-separated ints, got {a.rows!r}, {a.draft_rows!r} "
+                 f"and {a.tokens!r}")
     report = Report()
     print(f"gpu_check: torch {torch.__version__}, device {a.device}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "") + (", quick" if a.quick else ""))
@@ -203,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def costs():
         table = measure_pair(a.device, dtype, quick=a.quick, rows=rows, tokens=tokens,
-                             ctx=16 if a.quick else 128, reps=a.reps)
+                             ctx=16 if a.quick else 128, reps=a.reps, draft_rows=draft_rows)
         table.save(a.out)
         return f"wrote {a.out} ({len(table.target)} target + {len(table.draft)} draft points)"
     if not a.skip_costs:
