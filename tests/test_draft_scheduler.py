@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from specserve.engine.draft_scheduler import DraftScheduler
-from specserve.engine.sampling import SamplingParams
 from specserve.engine.speculative import KPlan
 from specserve.engine.ssd import DraftSession, StaleRound
 from specserve.pipeline.draft_server import BatchDraftService, Inbox, serve_batched
@@ -179,3 +178,55 @@ def test_miss_k_0_answers_a_miss_at_once_and_a_hit_in_full(tiny, prompts):
     while sched.speculating():
         sched.speculate_step()
     assert {i for (_, i, _) in sched.sessions["b"].table} == {0}
+
+
+def test_a_cache_key_parks_the_slot_and_the_next_turn_prefills_only_past_the_common_prefix(tiny, prompts):
+    """Turn 2 of a conversation (turn 1's prompt + output + a new message) with the same key takes the
+    parked slot: its first forward feeds only the new tokens, and it proposes what a fresh session
+    proposes. A key whose history diverges keeps the common part; parked slots yield to new
+    sequences when none is free."""
+    lm = tiny["draft-random"]
+    sched = DraftScheduler(lm, max_seqs=2, max_model_len=256)
+    fed, forward = [], sched.runner.forward_rows
+
+    def spy(rows):
+        fed.append(sum(len(r.tokens) for r in rows))
+        return forward(rows)
+
+    sched.runner.forward_rows = spy
+    turn1 = prompts[3]
+    out = sched.answer({"t1": sched.open("t1", turn1, k=3, cache_key="chat").first_program(KPlan(3, 3, 3))})
+    history = sched.sessions["t1"].held  # what the slot holds: the prompt and the drafts fed
+    sched.close("t1")
+    assert list(sched.parked) == ["chat"] and sched.runner.cache.num_free == 1
+    turn2 = turn1 + out["t1"].token_ids[:2] + [7, 8, 9]
+    fed.clear()
+    got = sched.answer({"t2": sched.open("t2", turn2, k=3, cache_key="chat").first_program(KPlan(3, 3, 3))})
+    assert sched.reused_tokens == len(turn1) + 2 <= len(history)
+    assert fed[0] == len(turn2) - sched.reused_tokens  # the new message only
+    assert got["t2"].token_ids == DraftSession(lm, turn2, k=3).first_proposal(KPlan(3, 3, 3)).token_ids
+    sched.close("t2")
+    # another sequence without a key, then one more: the parked slot is dropped for it
+    sched.open("x", prompts[0], k=3)
+    sched.open("y", prompts[1], k=3)
+    assert not sched.parked and sched.runner.cache.num_free == 0
+    with pytest.raises(ValueError, match="all 2 draft slots are in use"):
+        sched.open("z", prompts[1], k=3)
+
+
+def test_a_start_with_a_cache_key_reuses_the_streams_parked_slot_over_grpc(tiny, prompts):
+    from specserve.pipeline.draft_server import serve
+
+    server = serve(tiny["draft-same"], port=0, max_seqs=2, max_model_len=256)
+    try:
+        with DraftClient(server.address, timeout=30) as client:
+            first = client.start("a", prompts[2], spec_params(k=3), cache_key="conv")
+            client.stop("a")  # the stream is ordered: the worker parks the slot before the next Start
+            turn2 = prompts[2] + first.token_ids + [11]
+            second = client.start("b", turn2, spec_params(k=3), cache_key="conv")
+            reused = server.servicer.stats()["reused_tokens"]
+            assert reused >= len(prompts[2]) and len(second.token_ids) == 3
+            third = client.start("c", turn2, spec_params(k=3))  # no key: prefilled whole, the same proposal
+            assert third.token_ids == second.token_ids and server.servicer.stats()["reused_tokens"] == reused
+    finally:
+        server.stop(grace=None)

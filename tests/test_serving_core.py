@@ -240,8 +240,13 @@ def unbatched(tiny, draft_server):
 
 @pytest.mark.parametrize("mode, batched", [(pb.MODE_SSD, True), (pb.MODE_SD, True), (pb.MODE_SSD, False)],
                          ids=["ssd-batched", "sd-batched", "ssd-per-sequence"])
-def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, unbatched, pool, new_store, mode, batched):
+def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, unbatched, pool, new_store, draft_server,
+                                                             mode, batched):
     rounds_before = replica.loop.engine.stats.rounds
+    draft_reused_before = draft_server.servicer.stats()["reused_tokens"]
+    policy = replica.loop.engine.policy
+    held = policy.k_ssd, policy.hysteresis
+    policy.k_ssd, policy.hysteresis = 3, 1e9  # ssd rows speculate from their first round, whatever the costs
     target = replica if batched else unbatched
 
     async def main():
@@ -268,9 +273,17 @@ def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, unbatched,
         await core.store.close()
         return sid, out, session, deleted, e.value
 
-    sid, out, session, deleted, err = run(main())
+    try:
+        sid, out, session, deleted, err = run(main())
+    finally:
+        policy.k_ssd, policy.hysteresis = held
     reused = [chunks[-1].stats.prefix_reused for chunks in out]
     assert reused[0] == 0 and reused[1] > 0 and reused[2] > reused[1]
+    draft_reused = draft_server.servicer.stats()["reused_tokens"] - draft_reused_before
+    if mode == pb.MODE_SSD:  # the draft worker kept the conversation's KV too (Start.cache_key)
+        assert draft_reused >= reused[1], (draft_reused, reused)
+    else:
+        assert draft_reused == 0
     assert [t.role for t in session.turns] == ["system"] + ["user", "assistant"] * 3
     assert session.turns[1].content == "hello there" and session.turns[5].content == "and once more"
     for i, chunks in enumerate(out):  # each assistant turn is exactly what was streamed

@@ -37,6 +37,7 @@ per-sequence `DraftSession` for any other draft model.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Generator
 
 import torch
@@ -117,6 +118,7 @@ class SlotSession(DraftSession):
         self.cache = None  # the slot cache replaces the private one
         self.slot, self.max_len, self.max_cols = slot, max_len, max_cols
         self.held: list[int] = []
+        self.cache_key: str | None = None  # set by the scheduler: where the slot parks when it closes
         self.tree: _Tree | None = None  # the speculation in progress
         self.spec: tuple[Program, TreeRow] | None = None  # ... its generator and the forward it waits for
 
@@ -167,6 +169,7 @@ class SlotSession(DraftSession):
             raise ValueError(f"the sequence has {len(ids)} tokens, more than the draft worker's max_model_len="
                              f"{self.max_len}: start the worker with a larger --max-model-len")
         m = min(_common_prefix(self.held, ids), len(ids) - keep)
+        self.held = self.held[:m]  # columns m.. are rewritten now (kept true if the forward fails)
         logits = yield TreeRow.causal(self.slot, ids[m:], m, keep)
         self.held = list(ids)
         return logits
@@ -226,6 +229,11 @@ class DraftScheduler:
     max_seqs: slots (sequences open at once); max_model_len: the longest sequence a slot holds;
     tree_columns: scratch columns per slot for speculation branches (a speculation stops growing
     its branches when they are full; the outcome then draws on the branch just-in-time).
+
+    A sequence opened with a `cache_key` (a chat session's id) leaves its slot *parked* when it
+    closes: the slot keeps the KV of what it held, and the next sequence opened with that key takes
+    it and prefills only past the common prefix (`reused_tokens` counts what it was spared). Parked
+    slots are free for others: when no slot is free the least recently parked one is dropped.
     """
 
     def __init__(self, lm: LM, max_seqs: int = defaults.DRAFT_SLOTS, max_model_len: int | None = None,
@@ -242,6 +250,8 @@ class DraftScheduler:
         self.runner = NativeRunner(lm.model, SlotCache.for_model(lm.model, max_seqs, self.max_cols))
         self.acceptance = acceptance if acceptance is not None else AcceptanceModel()
         self.sessions: dict[str, SlotSession] = {}
+        self.parked: OrderedDict[str, tuple[int, list[int]]] = OrderedDict()  # key -> (slot, the ids it holds)
+        self.reused_tokens = 0  # prompt tokens not prefilled: a parked slot held them
         self.forwards = 0  # batched forwards run (answers and speculation)
         self.rows = 0  # rows over those forwards
         self.spec_steps = 0  # speculation forwards
@@ -250,29 +260,44 @@ class DraftScheduler:
     def capacity(self) -> dict:
         return self.runner.cache.capacity()
 
-    def open(self, seq: str, prompt_ids: list[int], **kwargs) -> SlotSession:
-        """A new sequence in a free slot (kwargs: `DraftSession`'s). ValueError for bad arguments or
-        a full cache (the message names the limit)."""
+    def open(self, seq: str, prompt_ids: list[int], cache_key: str | None = None, **kwargs) -> SlotSession:
+        """A new sequence in its key's parked slot or a free one (kwargs: `DraftSession`'s).
+        ValueError for bad arguments or a full cache (the message names the limit)."""
         if seq in self.sessions:
             raise ValueError(f"sequence {seq!r} is already open: Stop it first or use a new id")
         cache = self.runner.cache
-        try:
-            slot = cache.alloc()
-        except CacheFull:
-            raise ValueError(f"all {cache.slots} draft slots are in use (the draft worker's --max-seqs): "
-                             "stop a sequence or start the worker with more slots") from None
+        slot, held = self.parked.pop(cache_key, (None, [])) if cache_key else (None, [])
+        if slot is None:
+            if cache.num_free == 0 and self.parked:  # parked slots are free for others: drop the oldest
+                cache.free(self.parked.popitem(last=False)[1][0])
+            try:
+                slot = cache.alloc()
+            except CacheFull:
+                raise ValueError(f"all {cache.slots} draft slots are in use (the draft worker's --max-seqs): "
+                                 "stop a sequence or start the worker with more slots") from None
         try:
             sess = SlotSession(self.lm, prompt_ids, slot, self.max_model_len, self.max_cols,
                                acceptance=self.acceptance, fanout_budget=self.fanout_budget, **kwargs)
         except Exception:
             cache.free(slot)
             raise
+        sess.held, sess.cache_key = held, cache_key
+        self.reused_tokens += min(_common_prefix(held, sess.seq), len(sess.seq) - 1)
         self.sessions[seq] = sess
         return sess
 
     def close(self, seq: str) -> SlotSession | None:
+        """End a sequence: its slot is parked under its cache key (replacing the key's older one), else freed."""
         sess = self.sessions.pop(seq, None)
-        if sess is not None:
+        if sess is None:
+            return None
+        key = sess.cache_key
+        if key and sess.held:
+            old = self.parked.pop(key, None)
+            if old is not None:
+                self.runner.cache.free(old[0])
+            self.parked[key] = (sess.slot, list(sess.held))
+        else:
             self.runner.cache.free(sess.slot)
         return sess
 

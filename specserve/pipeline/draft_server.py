@@ -75,7 +75,7 @@ def info_reply(lm: LM) -> pb.InfoReply:
 
 
 ANSWERS = ("hit", "late", "miss")  # how an outcome was answered: a finished branch, a branch in progress, JIT
-COUNTERS = ("started", "errors", "hits", "late_hits", "misses", "spec_steps", "speculations", "branches",
+COUNTERS = ("started", "errors", "hits", "late_hits", "misses", "spec_steps", "speculations", "branches", "reused_tokens",
             *(f"{kind}_answers" for kind in ANSWERS), *(f"{kind}_answer_s" for kind in ANSWERS))  # summed over streams
 
 
@@ -90,6 +90,7 @@ class _StreamService:
 
     sessions: dict
     spec_steps: int
+    reused_tokens = 0  # prompt tokens a Start did not prefill (a parked slot of its cache_key held them)
 
     def __init__(self, lm: LM):
         self.lm = lm
@@ -127,7 +128,8 @@ class _StreamService:
 
     def stats(self) -> dict:
         out = {"open": len(self.sessions), "started": self.started, "errors": self.errors,
-               "spec_steps": self.spec_steps, **{name: self._count(name) for name in self._closed}}
+               "spec_steps": self.spec_steps, "reused_tokens": self.reused_tokens,
+               **{name: self._count(name) for name in self._closed}}
         for kind in ANSWERS:
             out[f"{kind}_answers"], out[f"{kind}_answer_s"] = self.answers[kind], self.answer_s[kind]
         return out
@@ -327,6 +329,10 @@ class BatchDraftService(_StreamService):
     def spec_steps(self) -> int:
         return self.scheduler.spec_steps
 
+    @property
+    def reused_tokens(self) -> int:
+        return self.scheduler.reused_tokens
+
     # ------------------------------------------------------------------ internals
 
     def _apply(self, m: pb.TargetMessage, seq: str, arrived: float, jobs: dict, kinds: dict):
@@ -351,7 +357,7 @@ class BatchDraftService(_StreamService):
         return seq, arrived, reply
 
     def _start(self, m: pb.Start, jobs: dict) -> pb.DraftMessage | None:
-        opened = self._open(m, lambda ids, **kw: self.scheduler.open(m.seq, ids, **kw))
+        opened = self._open(m, lambda ids, **kw: self.scheduler.open(m.seq, ids, cache_key=m.cache_key or None, **kw))
         if isinstance(opened, pb.DraftMessage):
             return opened
         session, plan = opened

@@ -22,11 +22,13 @@ __all__ = ["make_drafter"]
 def make_drafter(mode: str, prompt_ids: list[int], vocab_size: int, sampling: SamplingParams,
                  spec: SpecConfig | None = None, *, draft: LM | None = None, client: DraftClient | None = None,
                  fanout: list[int] | None = None, speculate: bool = True, seed: int | None = None,
-                 max_new_tokens: int | None = None, timeout: float | None = None) -> LM | Drafter | None:
+                 max_new_tokens: int | None = None, timeout: float | None = None,
+                 cache_key: str | None = None) -> LM | Drafter | None:
     """What `generate(target, <this>, prompt_ids, ...)` takes for `mode`.
 
     sd needs `draft`, ssd needs `client` (ValueError naming what is missing). The ssd drafter
-    drafts `spec.k` tokens (default: engine.defaults.K) with the early stop `spec.stop_prob`.
+    drafts `spec.k` tokens (default: engine.defaults.K) with the early stop `spec.stop_prob`;
+    `cache_key` (a chat session's) lets its draft worker keep the conversation's KV between turns.
     """
     spec = spec or SpecConfig(mode=mode)
     if mode not in MODES:
@@ -41,4 +43,4 @@ def make_drafter(mode: str, prompt_ids: list[int], vocab_size: int, sampling: Sa
         raise ValueError("mode ssd needs a link to a draft worker (a DraftClient): give its address, or use ar or sd")
     return RemoteDrafter(client, prompt_ids, vocab_size, sampling=sampling, k=spec.k, fanout=fanout,
                          speculate=speculate, seed=seed, max_new_tokens=max_new_tokens, timeout=timeout,
-                         stop_prob=spec.stop_prob)
+                         stop_prob=spec.stop_prob, cache_key=cache_key)

@@ -10,6 +10,7 @@ opens a new one (sequences of the old stream are gone: their calls keep raising)
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import queue
@@ -176,13 +177,14 @@ class DraftClient:
         return info
 
     def start(self, seq: str, prompt_ids: list[int], params: pb.SpecParams | dict | None = None,
-              timeout: float | None = None, plan: KPlan | None = None) -> RemoteProposal:
+              timeout: float | None = None, plan: KPlan | None = None, cache_key: str = "") -> RemoteProposal:
         """Open sequence `seq` with its committed tokens; return the round-0 proposal.
 
         params: a SpecParams message, a dict of `wire.spec_params` arguments, or None (defaults).
-        plan: round 0's KPlan (None: params.k throughout).
+        plan: round 0's KPlan (None: params.k throughout). cache_key: the conversation it continues
+        (Start.cache_key: the draft prefills only past what it kept for that key).
         """
-        stream, msg = self._open(seq, prompt_ids, params, plan)
+        stream, msg = self._open(seq, prompt_ids, params, plan, cache_key)
         stream.send(pb.TargetMessage(start=msg))
         return self._wait(stream, seq, 0, self._t(timeout))
 
@@ -191,14 +193,14 @@ class DraftClient:
         """Many sequences in ONE message (a Batch) and one reply: {seq: its proposal, or the
         DraftUnavailable its call would have raised}.
 
-        starts: (seq, prompt_ids, params, plan) as `start`'s arguments; outcomes: (seq, round,
-        accepted, token, plan) as `outcome`'s. Every sequence shares the one deadline.
+        starts: (seq, prompt_ids, params, plan[, cache_key]) as `start`'s arguments; outcomes: (seq,
+        round, accepted, token, plan) as `outcome`'s. Every sequence shares the one deadline.
         """
         out: dict[str, RemoteProposal | DraftUnavailable] = {}
         batch, waits, stream = pb.Batch(), [], None
-        for seq, prompt_ids, params, plan in starts:
+        for seq, prompt_ids, params, plan, *key in starts:
             try:
-                stream, msg = self._open(seq, prompt_ids, params, plan)
+                stream, msg = self._open(seq, prompt_ids, params, plan, *key)
             except (DraftUnavailable, ValueError) as e:
                 out[seq] = e if isinstance(e, DraftUnavailable) else DraftUnavailable(str(e))
                 continue
@@ -223,7 +225,7 @@ class DraftClient:
                 out[seq] = e
         return out
 
-    def _open(self, seq: str, prompt_ids, params, plan) -> tuple["_Stream", pb.Start]:
+    def _open(self, seq: str, prompt_ids, params, plan, cache_key: str = "") -> tuple["_Stream", pb.Start]:
         """Register a new sequence on the current stream (a new one if it broke): (stream, its Start)."""
         if isinstance(params, dict):
             params = spec_params(**params)
@@ -241,7 +243,7 @@ class DraftClient:
         with stream.lock:
             stream.queues[seq] = queue.Queue()
         return stream, pb.Start(seq=seq, prompt_ids=[int(t) for t in prompt_ids], params=params,
-                                plan=plan_message(plan))
+                                plan=plan_message(plan), cache_key=cache_key or "")
 
     def outcome(self, seq: str, round: int, accepted: int, token: int, timeout: float | None = None,
                 plan: KPlan | None = None, speculate: bool | None = None) -> RemoteProposal:
@@ -339,7 +341,7 @@ class RemoteDrafter(Drafter):
     def __init__(self, client: DraftClient, prompt_ids: list[int], vocab_size: int, *,
                  sampling: SamplingParams | None = None, k: int | None = None, fanout: list[int] | None = None,
                  speculate: bool = True, seed: int | None = None, max_new_tokens: int | None = None,
-                 timeout: float | None = None, stop_prob: float = defaults.STOP_PROB):
+                 timeout: float | None = None, stop_prob: float = defaults.STOP_PROB, cache_key: str | None = None):
         import uuid
 
         sp = sampling or SamplingParams()
@@ -348,6 +350,8 @@ class RemoteDrafter(Drafter):
                                   speculate=speculate, seed=seed or 0, max_new_tokens=max_new_tokens,
                                   stop_prob=stop_prob)
         self.seq = uuid.uuid4().hex
+        # the conversation this sequence continues (Start.cache_key), hashed: the draft needs a key, not the id
+        self.cache_key = hashlib.sha256(cache_key.encode()).hexdigest()[:32] if cache_key else ""
         self.timeout = timeout
         self.prop: RemoteProposal | None = None
         self._failed: DraftUnavailable | None = None  # a batched Start's failure, raised by the next propose
@@ -358,7 +362,8 @@ class RemoteDrafter(Drafter):
             e, self._failed = self._failed, None
             raise e
         if self.prop is None:  # started with the committed tokens now (more than the prompt after k = 0 rounds)
-            self._take(self.client.start(self.seq, seq, self.params, timeout=self.timeout, plan=plan), plan)
+            self._take(self.client.start(self.seq, seq, self.params, timeout=self.timeout, plan=plan,
+                                         cache_key=self.cache_key), plan)
         d = list(self.prop.token_ids)
         if not self.prop.q_ids:
             return d, None
@@ -410,7 +415,8 @@ class RemoteDrafter(Drafter):
         """The Starts of drafters sharing a DraftClient in one Batch each; a failure is raised by
         that drafter's next `propose`."""
         waiting = [it for it in items if it[0].prop is None]
-        failed = RemoteDrafter._exchange(waiting, "starts", lambda it: (it[0].seq, it[1], it[0].params, it[2]),
+        failed = RemoteDrafter._exchange(waiting, "starts",
+                                         lambda it: (it[0].seq, it[1], it[0].params, it[2], it[0].cache_key),
                                          lambda it, prop: it[0]._take(prop, it[2]))
         for (d, _, _), e in zip(waiting, failed):
             if e is not None:

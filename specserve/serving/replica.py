@@ -211,7 +211,8 @@ class TargetReplica:
         sp = SamplingParams(p.temperature, p.top_k, p.top_p)
         mode, fallback, client = self._mode_and_link(p)
         # sd rows draft with the engine's draft model; an ssd row brings a RemoteDrafter on the one stream
-        drafter = self._drafter(p, mode, ids, sp, client) if mode == "ssd" else None
+        drafter = (self._drafter(p, mode, ids, sp, client, session.key if session is not None else None)
+                   if mode == "ssd" else None)
         req = Request(ids, p.max_tokens, sp, p.seed, p.stop, SpeculationParams(mode, p.k),
                       cache_key=session.key if session is not None else None, drafter=drafter,
                       resume_ids=list(p.resume_ids), resume_text=p.resume_text)
@@ -241,7 +242,7 @@ class TargetReplica:
         mode, fallback, client = self._mode_and_link(p)
         spec = SpecConfig(mode=mode, k=p.k)
         context = ids + list(p.resume_ids)  # a resumed generation: its committed output is context too
-        draft = self._drafter(p, mode, ids, sp, client)  # 3. drafter
+        draft = self._drafter(p, mode, ids, sp, client, session.key if session is not None else None)  # 3. drafter
         kv = session.prefix_for(self.target, context) if session is not None else None  # 2. reuse
         out: list[int] = []
         with self._lock:
@@ -272,12 +273,14 @@ class TargetReplica:
             return "ar", self.draft_error, None
         return p.mode, "", client
 
-    def _drafter(self, p: GenParams, mode: str, ids: list[int], sp: SamplingParams, client: DraftClient | None):
-        """`make_drafter` for a request; a resumed generation's committed output is context too."""
+    def _drafter(self, p: GenParams, mode: str, ids: list[int], sp: SamplingParams, client: DraftClient | None,
+                 cache_key: str | None = None):
+        """`make_drafter` for a request; a resumed generation's committed output is context too; a chat
+        session's key lets the draft worker keep the conversation's KV between turns."""
         return make_drafter(mode, ids + list(p.resume_ids), self.target.vocab_size, sp, SpecConfig(mode=mode, k=p.k),
                             draft=self.local_draft, client=client, fanout=p.fanout or None, speculate=p.speculate,
                             seed=resume_seed(p.seed, len(p.resume_ids)), max_new_tokens=p.max_tokens - len(p.resume_ids),
-                            timeout=self.draft_timeout)
+                            timeout=self.draft_timeout, cache_key=cache_key)
 
     def _drop_if_dead(self, client: DraftClient) -> None:
         """After a fallback: forget the link if the draft is gone (not merely slow), so that the

@@ -30,16 +30,18 @@ class Batch(_message.Message):
     def __init__(self, starts: _Optional[_Iterable[_Union[Start, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[Outcome, _Mapping]]] = ..., stops: _Optional[_Iterable[_Union[Stop, _Mapping]]] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("seq", "prompt_ids", "params", "plan")
+    __slots__ = ("seq", "prompt_ids", "params", "plan", "cache_key")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
     seq: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SpecParams
     plan: KPlan
-    def __init__(self, seq: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SpecParams, _Mapping]] = ..., plan: _Optional[_Union[KPlan, _Mapping]] = ...) -> None: ...
+    cache_key: str
+    def __init__(self, seq: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SpecParams, _Mapping]] = ..., plan: _Optional[_Union[KPlan, _Mapping]] = ..., cache_key: _Optional[str] = ...) -> None: ...
 
 class KPlan(_message.Message):
     __slots__ = ("k", "if_accepted", "if_rejected", "miss_k")
