@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -249,8 +250,10 @@ def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, unbatched,
     policy.k_ssd, policy.hysteresis = 3, 1e9  # ssd rows speculate from their first round, whatever the costs
     target = replica if batched else unbatched
 
+    caches: dict = {}
+
     async def main():
-        core = RouterCore(new_store(), local_target(target, pool, {}))
+        core = RouterCore(new_store(), local_target(target, pool, caches))
         sid, tok, out = "", "", []
         for msg in ("hello there", "tell me more", "and once more"):
             chunks = await collect(core.chat(pb.ChatRequest(session_id=sid, session_token=tok, message=msg,
@@ -282,6 +285,16 @@ def test_three_turn_chat_keeps_history_and_reuses_the_prefix(replica, unbatched,
     draft_reused = draft_server.servicer.stats()["reused_tokens"] - draft_reused_before
     if mode == pb.MODE_SSD:  # the draft worker kept the conversation's KV too (Start.cache_key)
         assert draft_reused >= reused[1], (draft_reused, reused)
+        def parked_when(done, timeout=10.0):  # the worker applies Stop / Forget after the client is answered
+            deadline = time.monotonic() + timeout
+            while not done(n := draft_server.servicer.stats()["parked"]) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return n
+
+        parked = parked_when(lambda n: n >= 1)
+        assert parked >= 1  # the last turn's draft slot, kept for the next turn
+        run(target.forget_session(caches[sid]))  # ... and dropped when the session is gone (Forget)
+        assert parked_when(lambda n: n < parked) == parked - 1
     else:
         assert draft_reused == 0
     assert [t.role for t in session.turns] == ["system"] + ["user", "assistant"] * 3

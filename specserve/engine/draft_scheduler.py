@@ -233,7 +233,8 @@ class DraftScheduler:
     A sequence opened with a `cache_key` (a chat session's id) leaves its slot *parked* when it
     closes: the slot keeps the KV of what it held, and the next sequence opened with that key takes
     it and prefills only past the common prefix (`reused_tokens` counts what it was spared). Parked
-    slots are free for others: when no slot is free the least recently parked one is dropped.
+    slots are free for others: when no slot is free the least recently parked one is dropped;
+    `forget(key)` drops one at once (its conversation was deleted).
     """
 
     def __init__(self, lm: LM, max_seqs: int = defaults.DRAFT_SLOTS, max_model_len: int | None = None,
@@ -300,6 +301,13 @@ class DraftScheduler:
         else:
             self.runner.cache.free(sess.slot)
         return sess
+
+    def forget(self, key: str) -> bool:
+        """Drop a key's parked slot now (its conversation is gone); True if one was parked."""
+        old = self.parked.pop(key, None)
+        if old is not None:
+            self.runner.cache.free(old[0])
+        return old is not None
 
     def answer(self, jobs: dict[str, Program]) -> dict[str, Proposal | Exception]:
         """Run the programs to completion in lockstep: {seq: its proposal, or the exception it raised}.

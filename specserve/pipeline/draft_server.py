@@ -91,6 +91,7 @@ class _StreamService:
     sessions: dict
     spec_steps: int
     reused_tokens = 0  # prompt tokens a Start did not prefill (a parked slot of its cache_key held them)
+    parked = 0  # slots kept for conversations (Start.cache_key) whose sequence ended
 
     def __init__(self, lm: LM):
         self.lm = lm
@@ -128,7 +129,7 @@ class _StreamService:
 
     def stats(self) -> dict:
         out = {"open": len(self.sessions), "started": self.started, "errors": self.errors,
-               "spec_steps": self.spec_steps, "reused_tokens": self.reused_tokens,
+               "spec_steps": self.spec_steps, "reused_tokens": self.reused_tokens, "parked": self.parked,
                **{name: self._count(name) for name in self._closed}}
         for kind in ANSWERS:
             out[f"{kind}_answers"], out[f"{kind}_answer_s"] = self.answers[kind], self.answer_s[kind]
@@ -214,6 +215,8 @@ class DraftService(_StreamService):
                 return [self._outcome(msg.outcome)]
             if kind == "stop":
                 self._drop(seq)
+                return []
+            if kind == "forget":  # this service keeps nothing between sequences
                 return []
             return [self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop")]
         except Exception as exc:  # a bug or a failed forward: close this sequence, keep the stream
@@ -333,6 +336,10 @@ class BatchDraftService(_StreamService):
     def reused_tokens(self) -> int:
         return self.scheduler.reused_tokens
 
+    @property
+    def parked(self) -> int:
+        return len(self.scheduler.parked)
+
     # ------------------------------------------------------------------ internals
 
     def _apply(self, m: pb.TargetMessage, seq: str, arrived: float, jobs: dict, kinds: dict):
@@ -341,6 +348,9 @@ class BatchDraftService(_StreamService):
         try:
             if kind == "stop":
                 self._drop(seq)
+                return seq, arrived, None
+            if kind == "forget":
+                self.scheduler.forget(m.forget.cache_key)
                 return seq, arrived, None
             if kind == "start":
                 reply = self._start(m.start, jobs)
@@ -581,7 +591,8 @@ class SpeculationServicer(pb_grpc.SpeculationServicer):
         an outcome's arrival to its reply)."""
         with self._lock:
             live = [s.stats() for s in self._live]
-            out = {"streams": self.streams, "streams_open": len(live), "sequences_open": sum(s["open"] for s in live)}
+            out = {"streams": self.streams, "streams_open": len(live), "sequences_open": sum(s["open"] for s in live),
+                   "parked": sum(s["parked"] for s in live)}  # slots kept for conversations, on open streams
             for key, done in self._done.items():
                 out[key] = done + sum(s[key] for s in live)
         for kind in ANSWERS:

@@ -10,7 +10,6 @@ opens a new one (sequences of the old stream are gone: their calls keep raising)
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import queue
@@ -27,7 +26,7 @@ from ..engine.sampling import SamplingParams
 from ..engine.speculative import Drafter, DraftUnavailable, KPlan
 from ..engine.ssd import Proposal
 from ..v1 import speculation_pb2_grpc as pb_grpc
-from .wire import PROTOCOL, message_seq, pb, plan_message, proposal_fields, spec_params, unbatch
+from .wire import PROTOCOL, draft_cache_key, message_seq, pb, plan_message, proposal_fields, spec_params, unbatch
 
 __all__ = ["DraftClient", "DraftInfo", "RemoteProposal", "RemoteDrafter", "DraftUnavailable", "DraftError",
            "CHANNEL_OPTIONS"]
@@ -273,6 +272,15 @@ class DraftClient:
         if stream.broken is None:
             stream.send(pb.TargetMessage(stop=pb.Stop(seq=seq)))
 
+    def forget(self, cache_key: str) -> None:
+        """A conversation is gone: the draft drops the KV it keeps for `cache_key` (as its Starts
+        carried it: `wire.draft_cache_key` of the session's key). Best effort, no reply; a broken
+        or no stream keeps nothing (its draft-side slots went with it)."""
+        with self._lock:
+            stream = self._stream
+        if stream is not None and stream.broken is None and cache_key:
+            stream.send(pb.TargetMessage(forget=pb.Forget(cache_key=cache_key)))
+
     def close(self) -> None:
         """End the stream and the channel; later calls raise DraftUnavailable."""
         with self._lock:
@@ -350,8 +358,7 @@ class RemoteDrafter(Drafter):
                                   speculate=speculate, seed=seed or 0, max_new_tokens=max_new_tokens,
                                   stop_prob=stop_prob)
         self.seq = uuid.uuid4().hex
-        # the conversation this sequence continues (Start.cache_key), hashed: the draft needs a key, not the id
-        self.cache_key = hashlib.sha256(cache_key.encode()).hexdigest()[:32] if cache_key else ""
+        self.cache_key = draft_cache_key(cache_key or "")  # the conversation this sequence continues (hashed)
         self.timeout = timeout
         self.prop: RemoteProposal | None = None
         self._failed: DraftUnavailable | None = None  # a batched Start's failure, raised by the next propose

@@ -6,6 +6,7 @@ Both sides use these: the draft turns `SpecParams` into `DraftSession` arguments
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from ..engine.defaults import K, Q_TOP
@@ -14,7 +15,7 @@ from ..engine.speculative import KPlan
 from ..v1 import speculation_pb2 as pb
 
 __all__ = ["pb", "PROTOCOL", "spec_params", "session_kwargs", "plan_message", "plan_from", "proposal_message",
-           "error_message", "proposal_fields", "message_seq", "unbatch", "replies_message"]
+           "error_message", "proposal_fields", "message_seq", "draft_cache_key", "unbatch", "replies_message"]
 
 PROTOCOL = 3  # InfoReply.protocol: the speculation protocol both sides speak (speculation.proto, "Version")
 
@@ -107,9 +108,15 @@ def error_message(seq: str, code: int, message: str) -> pb.DraftMessage:
 
 
 def message_seq(msg: pb.TargetMessage | pb.DraftMessage) -> str:
-    """The `seq` a message is about ("" when its oneof is empty, or for a Batch / Replies of many)."""
+    """The `seq` a message is about ("" when its oneof is empty, for a Batch / Replies of many, or a Forget)."""
     kind = msg.WhichOneof("kind")
-    return getattr(msg, kind).seq if kind and kind not in ("batch", "replies") else ""
+    return getattr(msg, kind).seq if kind and kind not in ("batch", "replies", "forget") else ""
+
+
+def draft_cache_key(key: str) -> str:
+    """What Start.cache_key / Forget.cache_key carry for a conversation's key: a hash (the draft
+    needs a key to match turns, not the session's id)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32] if key else ""
 
 
 def unbatch(msg: pb.TargetMessage | pb.DraftMessage) -> list:

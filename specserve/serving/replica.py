@@ -50,6 +50,7 @@ from ..engine.sequence import Request, SpeculationParams
 from ..engine.speculative import SpecConfig, Stats, generate
 from ..pipeline.drafters import make_drafter
 from ..pipeline.remote_drafter import DraftClient
+from ..pipeline.wire import draft_cache_key
 from .api import ApiError, GenParams, QueueFull
 from .engine_loop import EngineLoop
 
@@ -117,9 +118,14 @@ class TargetReplica:
     async def forget_session(self, session: SessionCache) -> bool:
         """Drop what this replica keeps for a deleted (or expired) session: its parked engine slot,
         freed between two rounds on the loop thread (a turn of it still running frees its slot when
-        it ends), and its per-sequence KV cache. True if either held something."""
+        it ends), its per-sequence KV cache, and (a message to the draft worker) the draft's parked
+        slot of its ssd turns. True if the replica itself held something."""
         had_kv = session.kv is not None
         session.kv, session.ids = None, []  # a per-sequence turn running now keeps its own reference
+        with self._lock:
+            client = self._client
+        if client is not None:  # the draft worker's parked slot of the conversation (ssd turns)
+            client.forget(draft_cache_key(session.key))
         dropped = False
         if self.loop is not None:
             dropped = await asyncio.wrap_future(self.loop.drop_parked(session.key))

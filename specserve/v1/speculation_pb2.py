@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1especserve/v1/speculation.proto\x12\x0cspecserve.v1\"\xb1\x01\n\rTargetMessage\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.specserve.v1.StartH\x00\x12(\n\x07outcome\x18\x02 \x01(\x0b\x32\x15.specserve.v1.OutcomeH\x00\x12\"\n\x04stop\x18\x03 \x01(\x0b\x32\x12.specserve.v1.StopH\x00\x12$\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x13.specserve.v1.BatchH\x00\x42\x06\n\x04kind\"x\n\x05\x42\x61tch\x12#\n\x06starts\x18\x01 \x03(\x0b\x32\x13.specserve.v1.Start\x12\'\n\x08outcomes\x18\x02 \x03(\x0b\x32\x15.specserve.v1.Outcome\x12!\n\x05stops\x18\x03 \x03(\x0b\x32\x12.specserve.v1.Stop\"\x88\x01\n\x05Start\x12\x0b\n\x03seq\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.specserve.v1.SpecParams\x12!\n\x04plan\x18\x04 \x01(\x0b\x32\x13.specserve.v1.KPlan\x12\x11\n\tcache_key\x18\x05 \x01(\t\"\\\n\x05KPlan\x12\t\n\x01k\x18\x01 \x01(\r\x12\x13\n\x0bif_accepted\x18\x02 \x01(\r\x12\x13\n\x0bif_rejected\x18\x03 \x01(\r\x12\x13\n\x06miss_k\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\t\n\x07_miss_k\"\x89\x02\n\nSpecParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x01k\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x0e\n\x06\x66\x61nout\x18\x05 \x03(\r\x12\x16\n\tspeculate\x18\x06 \x01(\x08H\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\x05q_top\x18\x08 \x01(\rH\x03\x88\x01\x01\x12\x11\n\tstop_prob\x18\t \x01(\x01\x12\x1b\n\x0emax_new_tokens\x18\n \x01(\rH\x04\x88\x01\x01\x42\x08\n\x06_top_pB\x04\n\x02_kB\x0c\n\n_speculateB\x08\n\x06_q_topB\x11\n\x0f_max_new_tokens\"\x8f\x01\n\x07Outcome\x12\x0b\n\x03seq\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\x05\x12!\n\x04plan\x18\x05 \x01(\x0b\x32\x13.specserve.v1.KPlan\x12\x16\n\tspeculate\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_speculate\"\x13\n\x04Stop\x12\x0b\n\x03seq\x18\x01 \x01(\t\"\x92\x01\n\x0c\x44raftMessage\x12*\n\x08proposal\x18\x01 \x01(\x0b\x32\x16.specserve.v1.ProposalH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.specserve.v1.ErrorH\x00\x12(\n\x07replies\x18\x03 \x01(\x0b\x32\x15.specserve.v1.RepliesH\x00\x42\x06\n\x04kind\"Y\n\x07Replies\x12)\n\tproposals\x18\x01 \x03(\x0b\x32\x16.specserve.v1.Proposal\x12#\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x13.specserve.v1.Error\"\x90\x01\n\x08Proposal\x12\x0b\n\x03seq\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12#\n\x01q\x18\x04 \x03(\x0b\x32\x18.specserve.v1.SparseDist\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x0f\n\x07\x64raft_s\x18\x06 \x01(\x01\x12\x0c\n\x04late\x18\x07 \x01(\x08\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\xb6\x01\n\x05\x45rror\x12\x0b\n\x03seq\x18\x01 \x01(\t\x12&\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x18.specserve.v1.Error.Code\x12\x0f\n\x07message\x18\x03 \x01(\t\"g\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\x0f\n\x0bSTALE_ROUND\x10\x02\x12\x14\n\x10UNKNOWN_SEQUENCE\x10\x03\x12\x0c\n\x08INTERNAL\x10\x04\"\r\n\x0bInfoRequest\"\x87\x01\n\tInfoReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x0f\n\x07\x65os_ids\x18\x06 \x03(\x05\x12\x10\n\x08protocol\x18\x07 \x01(\r2\x90\x01\n\x0bSpeculation\x12\x45\n\x06Stream\x12\x1b.specserve.v1.TargetMessage\x1a\x1a.specserve.v1.DraftMessage(\x01\x30\x01\x12:\n\x04Info\x12\x19.specserve.v1.InfoRequest\x1a\x17.specserve.v1.InfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1especserve/v1/speculation.proto\x12\x0cspecserve.v1\"\xd9\x01\n\rTargetMessage\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.specserve.v1.StartH\x00\x12(\n\x07outcome\x18\x02 \x01(\x0b\x32\x15.specserve.v1.OutcomeH\x00\x12\"\n\x04stop\x18\x03 \x01(\x0b\x32\x12.specserve.v1.StopH\x00\x12$\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x13.specserve.v1.BatchH\x00\x12&\n\x06\x66orget\x18\x05 \x01(\x0b\x32\x14.specserve.v1.ForgetH\x00\x42\x06\n\x04kind\"x\n\x05\x42\x61tch\x12#\n\x06starts\x18\x01 \x03(\x0b\x32\x13.specserve.v1.Start\x12\'\n\x08outcomes\x18\x02 \x03(\x0b\x32\x15.specserve.v1.Outcome\x12!\n\x05stops\x18\x03 \x03(\x0b\x32\x12.specserve.v1.Stop\"\x88\x01\n\x05Start\x12\x0b\n\x03seq\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.specserve.v1.SpecParams\x12!\n\x04plan\x18\x04 \x01(\x0b\x32\x13.specserve.v1.KPlan\x12\x11\n\tcache_key\x18\x05 \x01(\t\"\\\n\x05KPlan\x12\t\n\x01k\x18\x01 \x01(\r\x12\x13\n\x0bif_accepted\x18\x02 \x01(\r\x12\x13\n\x0bif_rejected\x18\x03 \x01(\r\x12\x13\n\x06miss_k\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\t\n\x07_miss_k\"\x89\x02\n\nSpecParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x01k\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x0e\n\x06\x66\x61nout\x18\x05 \x03(\r\x12\x16\n\tspeculate\x18\x06 \x01(\x08H\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\x05q_top\x18\x08 \x01(\rH\x03\x88\x01\x01\x12\x11\n\tstop_prob\x18\t \x01(\x01\x12\x1b\n\x0emax_new_tokens\x18\n \x01(\rH\x04\x88\x01\x01\x42\x08\n\x06_top_pB\x04\n\x02_kB\x0c\n\n_speculateB\x08\n\x06_q_topB\x11\n\x0f_max_new_tokens\"\x8f\x01\n\x07Outcome\x12\x0b\n\x03seq\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\x05\x12!\n\x04plan\x18\x05 \x01(\x0b\x32\x13.specserve.v1.KPlan\x12\x16\n\tspeculate\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_speculate\"\x13\n\x04Stop\x12\x0b\n\x03seq\x18\x01 \x01(\t\"\x1b\n\x06\x46orget\x12\x11\n\tcache_key\x18\x01 \x01(\t\"\x92\x01\n\x0c\x44raftMessage\x12*\n\x08proposal\x18\x01 \x01(\x0b\x32\x16.specserve.v1.ProposalH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.specserve.v1.ErrorH\x00\x12(\n\x07replies\x18\x03 \x01(\x0b\x32\x15.specserve.v1.RepliesH\x00\x42\x06\n\x04kind\"Y\n\x07Replies\x12)\n\tproposals\x18\x01 \x03(\x0b\x32\x16.specserve.v1.Proposal\x12#\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x13.specserve.v1.Error\"\x90\x01\n\x08Proposal\x12\x0b\n\x03seq\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12#\n\x01q\x18\x04 \x03(\x0b\x32\x18.specserve.v1.SparseDist\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x0f\n\x07\x64raft_s\x18\x06 \x01(\x01\x12\x0c\n\x04late\x18\x07 \x01(\x08\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\xb6\x01\n\x05\x45rror\x12\x0b\n\x03seq\x18\x01 \x01(\t\x12&\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x18.specserve.v1.Error.Code\x12\x0f\n\x07message\x18\x03 \x01(\t\"g\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\x0f\n\x0bSTALE_ROUND\x10\x02\x12\x14\n\x10UNKNOWN_SEQUENCE\x10\x03\x12\x0c\n\x08INTERNAL\x10\x04\"\r\n\x0bInfoRequest\"\x87\x01\n\tInfoReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x0f\n\x07\x65os_ids\x18\x06 \x03(\x05\x12\x10\n\x08protocol\x18\x07 \x01(\r2\x90\x01\n\x0bSpeculation\x12\x45\n\x06Stream\x12\x1b.specserve.v1.TargetMessage\x1a\x1a.specserve.v1.DraftMessage(\x01\x30\x01\x12:\n\x04Info\x12\x19.specserve.v1.InfoRequest\x1a\x17.specserve.v1.InfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,35 +32,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specserve.v1.speculation_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TARGETMESSAGE']._serialized_start=49
-  _globals['_TARGETMESSAGE']._serialized_end=226
-  _globals['_BATCH']._serialized_start=228
-  _globals['_BATCH']._serialized_end=348
-  _globals['_START']._serialized_start=351
-  _globals['_START']._serialized_end=487
-  _globals['_KPLAN']._serialized_start=489
-  _globals['_KPLAN']._serialized_end=581
-  _globals['_SPECPARAMS']._serialized_start=584
-  _globals['_SPECPARAMS']._serialized_end=849
-  _globals['_OUTCOME']._serialized_start=852
-  _globals['_OUTCOME']._serialized_end=995
-  _globals['_STOP']._serialized_start=997
-  _globals['_STOP']._serialized_end=1016
-  _globals['_DRAFTMESSAGE']._serialized_start=1019
-  _globals['_DRAFTMESSAGE']._serialized_end=1165
-  _globals['_REPLIES']._serialized_start=1167
-  _globals['_REPLIES']._serialized_end=1256
-  _globals['_PROPOSAL']._serialized_start=1259
-  _globals['_PROPOSAL']._serialized_end=1403
-  _globals['_SPARSEDIST']._serialized_start=1405
-  _globals['_SPARSEDIST']._serialized_end=1445
-  _globals['_ERROR']._serialized_start=1448
-  _globals['_ERROR']._serialized_end=1630
-  _globals['_ERROR_CODE']._serialized_start=1527
-  _globals['_ERROR_CODE']._serialized_end=1630
-  _globals['_INFOREQUEST']._serialized_start=1632
-  _globals['_INFOREQUEST']._serialized_end=1645
-  _globals['_INFOREPLY']._serialized_start=1648
-  _globals['_INFOREPLY']._serialized_end=1783
-  _globals['_SPECULATION']._serialized_start=1786
-  _globals['_SPECULATION']._serialized_end=1930
+  _globals['_TARGETMESSAGE']._serialized_end=266
+  _globals['_BATCH']._serialized_start=268
+  _globals['_BATCH']._serialized_end=388
+  _globals['_START']._serialized_start=391
+  _globals['_START']._serialized_end=527
+  _globals['_KPLAN']._serialized_start=529
+  _globals['_KPLAN']._serialized_end=621
+  _globals['_SPECPARAMS']._serialized_start=624
+  _globals['_SPECPARAMS']._serialized_end=889
+  _globals['_OUTCOME']._serialized_start=892
+  _globals['_OUTCOME']._serialized_end=1035
+  _globals['_STOP']._serialized_start=1037
+  _globals['_STOP']._serialized_end=1056
+  _globals['_FORGET']._serialized_start=1058
+  _globals['_FORGET']._serialized_end=1085
+  _globals['_DRAFTMESSAGE']._serialized_start=1088
+  _globals['_DRAFTMESSAGE']._serialized_end=1234
+  _globals['_REPLIES']._serialized_start=1236
+  _globals['_REPLIES']._serialized_end=1325
+  _globals['_PROPOSAL']._serialized_start=1328
+  _globals['_PROPOSAL']._serialized_end=1472
+  _globals['_SPARSEDIST']._serialized_start=1474
+  _globals['_SPARSEDIST']._serialized_end=1514
+  _globals['_ERROR']._serialized_start=1517
+  _globals['_ERROR']._serialized_end=1699
+  _globals['_ERROR_CODE']._serialized_start=1596
+  _globals['_ERROR_CODE']._serialized_end=1699
+  _globals['_INFOREQUEST']._serialized_start=1701
+  _globals['_INFOREQUEST']._serialized_end=1714
+  _globals['_INFOREPLY']._serialized_start=1717
+  _globals['_INFOREPLY']._serialized_end=1852
+  _globals['_SPECULATION']._serialized_start=1855
+  _globals['_SPECULATION']._serialized_end=1999
 # @@protoc_insertion_point(module_scope)

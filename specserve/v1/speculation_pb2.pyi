@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TargetMessage(_message.Message):
-    __slots__ = ("start", "outcome", "stop", "batch")
+    __slots__ = ("start", "outcome", "stop", "batch", "forget")
     START_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    FORGET_FIELD_NUMBER: _ClassVar[int]
     start: Start
     outcome: Outcome
     stop: Stop
     batch: Batch
-    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
+    forget: Forget
+    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., forget: _Optional[_Union[Forget, _Mapping]] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("starts", "outcomes", "stops")
@@ -100,6 +102,12 @@ class Stop(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     seq: str
     def __init__(self, seq: _Optional[str] = ...) -> None: ...
+
+class Forget(_message.Message):
+    __slots__ = ("cache_key",)
+    CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
+    cache_key: str
+    def __init__(self, cache_key: _Optional[str] = ...) -> None: ...
 
 class DraftMessage(_message.Message):
     __slots__ = ("proposal", "error", "replies")
