@@ -142,7 +142,8 @@ class DraftConfig(_Strict):
     """Port of the speculation gRPC server (0: any free port, reported to the targets)."""
     max_seqs: int = Field(DRAFT_SLOTS, ge=1)
     """Sequences one speculation stream (one per target replica) holds at once: at least
-    target.max_num_seqs, or the rows past it run without the draft."""
+    target.max_num_seqs, or the rows past it run without the draft. Slots left over keep ended chat
+    turns' KV for their next turn (given up when a new sequence needs one)."""
     max_model_len: int = Field(DRAFT_MAX_LEN, ge=16)
     """Tokens one draft slot holds (prompt + output); a longer sequence finishes without the draft."""
     replicas: Replicas = Replicas()

@@ -31,7 +31,9 @@ def register(sub) -> None:
                    help="dynamic int8 quantization (default int8: a draft's dtype never changes the output)")
     add_fanout_budget_flag(w)
     w.add_argument("--max-seqs", type=int, default=DRAFT_SLOTS,
-                   help=f"sequences each speculation stream (one per target replica) holds at once (default {DRAFT_SLOTS})")
+                   help=f"sequences each speculation stream (one per target replica) holds at once; slots a "
+                        f"chat's ended turns keep for the next are given up when a new sequence needs one "
+                        f"(default {DRAFT_SLOTS})")
     w.add_argument("--max-model-len", type=int, default=DRAFT_MAX_LEN,
                    help=f"longest sequence (prompt + output) a slot holds; longer ones finish without the draft "
                         f"(default {DRAFT_MAX_LEN})")
