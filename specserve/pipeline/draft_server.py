@@ -218,7 +218,7 @@ class DraftService(_StreamService):
                 return []
             if kind == "forget":  # this service keeps nothing between sequences
                 return []
-            return [self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop")]
+            return [self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop, forget")]
         except Exception as exc:  # a bug or a failed forward: close this sequence, keep the stream
             log.exception("draft failed on %s for sequence %r", kind, seq)
             return [self._failed(seq, "draft", exc)]
@@ -357,7 +357,7 @@ class BatchDraftService(_StreamService):
             elif kind == "outcome":
                 reply = self._outcome(m.outcome, jobs)
             else:
-                reply = self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop, batch")
+                reply = self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop, forget, batch")
         except Exception as exc:  # a bug: close this sequence, keep the stream
             log.exception("draft failed on %s for sequence %r", kind, seq)
             jobs.pop(seq, None)
