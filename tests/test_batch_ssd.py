@@ -229,3 +229,25 @@ def test_an_ssd_row_whose_prompt_is_prefilled_in_chunks_starts_its_drafter_after
     long = seqs[2].stats
     assert long.rounds < N_NEW and long.cache_hits > 0 and not long.fallback  # it speculated once its prompt was in
     assert seqs[0].stats.drafted_per_round[0] > 0  # the 1-token prompt drafts in its first round
+
+
+def test_ssd_rows_work_with_the_per_sequence_draft_service_too(tiny, prompts):
+    """A draft worker serving the per-sequence DraftService (any non-native draft model) gets the
+    engine's Batch messages too: it answers each Batch with one Replies, and every row stays exact
+    without falling back."""
+    from specserve.pipeline.draft_server import serve
+
+    target = tiny["target"]
+    refs = [ar_reference(target, p, N_NEW) for p in prompts[:3]]
+    server = serve(tiny["draft-same"], port=0, batched=False)
+    try:
+        assert not server.servicer.batched
+        with DraftClient(server.address, timeout=20) as client:
+            eng = Engine(target, None, max_num_seqs=4, max_model_len=512)
+            res = run_to_completion(eng, [ssd_request(client, target, p, k=3) for p in prompts[:3]])
+        assert [tokens for tokens, _, _ in res.values()] == refs
+        for _, _, s in res.values():
+            assert not s.stats.fallback and s.stats.draft_tokens > 0, s.stats.fallback
+        assert server.servicer.stats()["hits"] > 0
+    finally:
+        server.stop(grace=None)

@@ -218,7 +218,9 @@ class DraftService(_StreamService):
                 return []
             if kind == "forget":  # this service keeps nothing between sequences
                 return []
-            return [self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop, forget")]
+            if kind == "batch":
+                return [replies_message([r for m in unbatch(msg) for r in self.handle(m)])]
+            return [self._error("", E.INVALID_ARGUMENT, "empty TargetMessage: set one of start, outcome, stop, forget, batch")]
         except Exception as exc:  # a bug or a failed forward: close this sequence, keep the stream
             log.exception("draft failed on %s for sequence %r", kind, seq)
             return [self._failed(seq, "draft", exc)]
@@ -467,17 +469,24 @@ def serve_stream(service: DraftService, inbox: Inbox) -> Iterator[pb.DraftMessag
                     del pending[seq]
                 yield from out
                 continue
-            arrived, seq = inbox.arrived, message_seq(msg)
-            for out in service.handle(msg):
-                if out.WhichOneof("kind") == "proposal":
-                    out.proposal.draft_s = time.perf_counter() - arrived
-                    if msg.WhichOneof("kind") == "outcome":
-                        service.answered(out.proposal, out.proposal.draft_s)
+            arrived, batch, replies = inbox.arrived, msg.WhichOneof("kind") == "batch", []
+            for m in unbatch(msg):  # a Batch's messages one by one, answered by one Replies
+                seq = message_seq(m)
+                for out in service.handle(m):
+                    if out.WhichOneof("kind") == "proposal":
+                        out.proposal.draft_s = time.perf_counter() - arrived
+                        if m.WhichOneof("kind") == "outcome":
+                            service.answered(out.proposal, out.proposal.draft_s)
+                        pending.pop(seq, None)
+                        pending[seq] = None  # speculate for the new proposal, after the older ones
+                    if batch:
+                        replies.append(out)
+                    else:
+                        yield out
+                if seq not in service.sessions:  # stopped or closed after an error
                     pending.pop(seq, None)
-                    pending[seq] = None  # speculate for the new proposal, after the older ones
-                yield out
-            if seq not in service.sessions:  # stopped or closed after an error
-                pending.pop(seq, None)
+            if batch:
+                yield replies_message(replies)
     finally:
         service.close()
 
