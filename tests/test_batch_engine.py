@@ -217,6 +217,28 @@ def test_a_session_key_parks_its_slot_and_the_next_turn_keeps_the_common_prefix(
     assert eng.drop_parked("s1") and not eng.drop_parked("s1") and eng.trun.cache.num_free == 2
 
 
+def test_a_long_new_message_after_a_parked_prefix_is_prefilled_in_chunks_exactly(tiny, prompts):
+    """Turn 2's new part (41 tokens) with 8 prompt tokens a round: it is fed in chunks from the end
+    of the parked prefix, the sd draft keeps up chunk by chunk, and the output is the batch-1 run."""
+    target = tiny["target"]
+    eng = engine(tiny, "draft-same", slots=2, max_prefill_tokens=8)
+    out1 = only(run_to_completion(eng, [Request(prompts[1], N_NEW, spec=spec("sd", 3), cache_key="s")]))[0]
+    history = prompts[1] + out1
+    turn2 = history + prompts[3]
+    chunks0, fed, forward = eng.stats.prefill_chunks, [], eng.drun.forward
+
+    def spy(slots, tokens, lens, keep):
+        fed.append(sum(lens))
+        return forward(slots, tokens, lens, keep)
+
+    eng.drun.forward = spy
+    tokens, seq = only(run_to_completion(eng, [Request(turn2, N_NEW, spec=spec("sd", 3), cache_key="s")]))
+    assert tokens == ar_reference(target, turn2)
+    assert seq.stats.prefix_reused >= len(history) - 1 and eng.stats.prefill_chunks - chunks0 >= 41 // 8 - 1
+    # the draft was fed chunk by chunk too: a chunk, plus at most the k tokens its cache lagged the target's
+    assert max(fed) <= 8 + 3 and seq.stats.acceptance_rate == 1.0
+
+
 def test_drop_parked_unkeys_a_running_or_waiting_request_so_nothing_is_parked(tiny, prompts):
     """A session deleted while its turn runs (or waits): the turn frees its slot when it ends."""
     target = tiny["target"]
