@@ -19,6 +19,7 @@ check and a summary; exits 1 if any check failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import traceback
@@ -114,6 +115,26 @@ def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) ->
 
     refs = [run(None, p, "ar") for p in prompts]
 
+    @contextlib.contextmanager
+    def draft_link():
+        """A draft worker for the perfect draft, served in this process over gRPC, and a client of it."""
+        server = serve(lms["draft-same"], port=0)
+        try:
+            with DraftClient(server.address, timeout=60) as client:
+                yield server, client
+        finally:
+            server.stop(grace=None)
+
+    def engine_exact(eng, reqs, what: str, count_syncs: bool = True) -> tuple[list[int], dict]:
+        """Run `reqs` (one per prompt) through `eng`: every row equal to its ar run, at most one CUDA
+        sync a round (when counted); (syncs per round, results)."""
+        syncs, res = _count_syncs(eng, device, reqs) if count_syncs else ([], run_to_completion(eng, reqs))
+        for i, ((ids, _, _), r, p) in enumerate(zip(res.values(), refs, prompts)):
+            _same(ids, r, f"{what} row {i}", target, p)
+        if syncs and max(syncs[1:] or [0]) > 1:  # the first round may allocate pinned memory
+            raise AssertionError(f"CUDA syncs per round {syncs}: a round must make one host read")
+        return syncs, res
+
     def sd():
         for name in ("draft-random", "draft-same"):
             for i, (p, r) in enumerate(zip(prompts, refs)):
@@ -121,20 +142,16 @@ def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) ->
     report.check("generate sd == ar (greedy)", sd)
 
     def ssd():
-        server = serve(lms["draft-same"], port=0)
-        try:
-            with DraftClient(server.address, timeout=60) as client:
-                for i, (p, r) in enumerate(zip(prompts, refs)):
-                    st = Stats()
-                    drafter = make_drafter("ssd", p, target.vocab_size, SamplingParams(), client=client,
-                                           max_new_tokens=n_new, timeout=60)
-                    _same(run(drafter, p, "ssd", stats=st), r, f"ssd prompt {i}", target, p)
-                    if st.fallback:
-                        raise AssertionError(f"ssd prompt {i} fell back to ar ({st.fallback}): "
-                                             "the ssd path did not run")
+        with draft_link() as (server, client):
+            for i, (p, r) in enumerate(zip(prompts, refs)):
+                st = Stats()
+                drafter = make_drafter("ssd", p, target.vocab_size, SamplingParams(), client=client,
+                                       max_new_tokens=n_new, timeout=60)
+                _same(run(drafter, p, "ssd", stats=st), r, f"ssd prompt {i}", target, p)
+                if st.fallback:
+                    raise AssertionError(f"ssd prompt {i} fell back to ar ({st.fallback}): "
+                                         "the ssd path did not run")
             return f"speculation cache hits {server.servicer.stats()['hits']}"
-        finally:
-            server.stop(grace=None)
     report.check("generate ssd == ar (greedy, in-process draft worker)", ssd)
 
     for mode in ("ar", "sd"):
@@ -144,11 +161,7 @@ def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) ->
                              k_init=3)
                 reqs = [Request(p, n_new, spec=SpeculationParams(mode=mode, k=3 if mode == "sd" else None))
                         for p in prompts]
-                syncs, res = _count_syncs(eng, device, reqs)
-                for i, ((ids, _, _), r, p) in enumerate(zip(res.values(), refs, prompts)):
-                    _same(ids, r, f"engine {mode}@{batch} row {i}", target, p)
-                if syncs and max(syncs[1:] or [0]) > 1:  # the first round may allocate pinned memory
-                    raise AssertionError(f"CUDA syncs per round {syncs}: a round must make one host read")
+                syncs, _ = engine_exact(eng, reqs, f"engine {mode}@{batch}")
                 if syncs and sum(syncs) == 0:
                     raise AssertionError("set_sync_debug_mode reported no sync at all, not even the round's "
                                          "host read: the count did not work")
@@ -160,40 +173,31 @@ def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) ->
     def chunked():
         eng = Engine(target, draft, max_num_seqs=4, max_model_len=512, k_init=3, max_prefill_tokens=8)
         reqs = [Request(p, n_new, spec=SpeculationParams(mode="sd", k=3)) for p in prompts]
-        syncs, res = _count_syncs(eng, device, reqs)
-        for i, ((ids, _, _), r, p) in enumerate(zip(res.values(), refs, prompts)):
-            _same(ids, r, f"engine sd@4, chunked prefill, row {i}", target, p)
+        engine_exact(eng, reqs, "engine sd@4, chunked prefill,")
         if eng.stats.prefill_chunks == 0:
             raise AssertionError("no prompt was prefilled in chunks: the check did not test chunking")
-        if syncs and max(syncs[1:] or [0]) > 1:
-            raise AssertionError(f"CUDA syncs per round {syncs}: a chunk round must make one host read too")
         return f"{eng.stats.prefill_chunks} prefill chunks"
     report.check("engine sd batch 4, prompts prefilled 8 tokens a round, == ar (greedy)", chunked)
 
     def ssd_batch():
         from ..pipeline.remote_drafter import RemoteDrafter
 
-        server = serve(lms["draft-same"], port=0)  # the batched draft service: a DraftScheduler on the device
-        try:
+        with draft_link() as (server, client):  # the batched draft service: a DraftScheduler on the device
             if not server.servicer.batched:
                 raise AssertionError("the draft worker did not pick the batched service for a native draft")
-            with DraftClient(server.address, timeout=60) as client:
-                eng = Engine(target, None, max_num_seqs=4, max_model_len=512)
-                reqs = [Request(p, n_new, spec=SpeculationParams("ssd", 3), drafter=RemoteDrafter(
-                    client, p, target.vocab_size, k=3, max_new_tokens=n_new, timeout=60)) for p in prompts]
-                res = run_to_completion(eng, reqs)
-                for i, ((ids, _, seq), r, p) in enumerate(zip(res.values(), refs, prompts)):
-                    _same(ids, r, f"engine ssd@4 row {i}", target, p)
-                    if seq.stats.fallback:
-                        raise AssertionError(f"ssd row {i} fell back to ar ({seq.stats.fallback})")
+            eng = Engine(target, None, max_num_seqs=4, max_model_len=512)
+            reqs = [Request(p, n_new, spec=SpeculationParams("ssd", 3), drafter=RemoteDrafter(
+                client, p, target.vocab_size, k=3, max_new_tokens=n_new, timeout=60)) for p in prompts]
+            _, res = engine_exact(eng, reqs, "engine ssd@4", count_syncs=False)
+            for i, (_, _, seq) in enumerate(res.values()):
+                if seq.stats.fallback:
+                    raise AssertionError(f"ssd row {i} fell back to ar ({seq.stats.fallback})")
             st = server.servicer.stats()
-            rate = st["hits"] / max(st["hits"] + st["misses"], 1)
-            if rate < 0.9:
-                raise AssertionError(f"a draft equal to the target hit its speculation cache {rate:.2f} of the time "
-                                     "(>= 0.9 expected): the batched speculation drafts the wrong branches here")
-            return f"cache hit rate {rate:.2f}, {st['branches_per_speculation']} branches per speculation"
-        finally:
-            server.stop(grace=None)
+        rate = st["hits"] / max(st["hits"] + st["misses"], 1)
+        if rate < 0.9:
+            raise AssertionError(f"a draft equal to the target hit its speculation cache {rate:.2f} of the time "
+                                 "(>= 0.9 expected): the batched speculation drafts the wrong branches here")
+        return f"cache hit rate {rate:.2f}, {st['branches_per_speculation']} branches per speculation"
     report.check("engine ssd batch 4 == ar (greedy, batched draft worker on the device)", ssd_batch)
 
     def sampled():
