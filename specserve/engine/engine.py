@@ -407,17 +407,18 @@ class Engine:
             logits = self._draft_forward([rows[b].slot for b in act], sel, [1] * len(act))
         return drafts, q
 
-    def _draft_forward(self, slots, tokens, lens, keep: int = 1):
+    def _draft_forward(self, slots, tokens, lens):
         """One batched draft step; its time marks are read after the round's host read (step)."""
         t0 = self.clock.mark()
-        logits, _ = self.drun.forward(slots, tokens, lens, [keep] * len(slots))  # [A * keep, V]
+        logits, _ = self.drun.forward(slots, tokens, lens, [1] * len(slots))  # [A, V]
         self._draft_marks.append((sum(lens), t0, self.clock.mark()))
         return logits
 
     def _draft_chunks(self, rows: list[Sequence], feeds: list[int]) -> None:
         """Rows prefilling a chunk of their prompt this round: the sd ones feed the same tokens to
         the draft's cache too (one draft forward), so that the draft never catches up a whole long
-        prompt in one step when the row starts drafting."""
+        prompt in one step when the row starts drafting. Not timed: the draft's cost model prices
+        draft steps, not prefill."""
         if self.drun is None:
             return
         cache = self.drun.cache
@@ -425,7 +426,7 @@ class Engine:
               if s.speculates and cache.length(s.slot) < s.cached + f]
         if sd:
             tokens = to_device([t for _, u in sd for t in u], self.device)
-            self._draft_forward([s.slot for s, _ in sd], tokens, [len(u) for _, u in sd], keep=0)
+            self.drun.forward([s.slot for s, _ in sd], tokens, [len(u) for _, u in sd], [0] * len(sd))  # no logits
 
     def _verify(self, rows: list[Sequence], kd: list[int], drafts: torch.Tensor, q, feeds: list[int],
                 chunk: list[bool]):
