@@ -217,10 +217,10 @@ class TargetReplica:
         sp = SamplingParams(p.temperature, p.top_k, p.top_p)
         mode, fallback, client = self._mode_and_link(p)
         # sd rows draft with the engine's draft model; an ssd row brings a RemoteDrafter on the one stream
-        drafter = (self._drafter(p, mode, ids, sp, client, session.key if session is not None else None)
-                   if mode == "ssd" else None)
+        key = session.key if session is not None else None
+        drafter = self._drafter(p, mode, ids, sp, client, key) if mode == "ssd" else None
         req = Request(ids, p.max_tokens, sp, p.seed, p.stop, SpeculationParams(mode, p.k),
-                      cache_key=session.key if session is not None else None, drafter=drafter,
+                      cache_key=key, drafter=drafter,
                       resume_ids=list(p.resume_ids), resume_text=p.resume_text)
         last = None
         try:
