@@ -212,7 +212,8 @@ def test_a_cache_key_parks_the_slot_and_the_next_turn_prefills_only_past_the_com
     assert not sched.parked and sched.runner.cache.num_free == 0
     with pytest.raises(ValueError, match="all 2 draft slots are in use"):
         sched.open("z", prompts[1], k=3)
-    sched.close("x"), sched.close("y")
+    sched.close("x")
+    sched.close("y")
     sched.answer({"k": sched.open("k", prompts[1], k=3, cache_key="gone").first_program(KPlan(3, 3, 3))})
     sched.close("k")
     assert sched.forget("gone") and not sched.forget("gone") and sched.runner.cache.num_free == 2
@@ -232,7 +233,8 @@ def test_a_start_with_a_cache_key_reuses_the_streams_parked_slot_over_grpc(tiny,
             assert reused >= len(prompts[2]) and len(second.token_ids) == 3
             third = client.start("c", turn2, spec_params(k=3))  # no key: prefilled whole, the same proposal
             assert third.token_ids == second.token_ids and server.servicer.stats()["reused_tokens"] == reused
-            client.stop("b"), client.stop("c")  # "conv" parked again, one slot free
+            client.stop("b")  # "conv" parked again
+            client.stop("c")  # ... and one slot free
             client.forget("other")  # an unknown key: nothing happens
             assert client.start("d", [5, 6], spec_params(k=1)).round == 0  # (the stream is ordered: both applied)
             assert server.servicer.stats()["parked"] == 1

@@ -122,6 +122,14 @@ def test_service_errors_are_per_sequence(tiny, service):
     assert _one(svc.handle(_outcome("a", 1, 0, 1)), "error").code == E.UNKNOWN_SEQUENCE
 
 
+def test_the_per_sequence_service_answers_a_batch_with_one_replies(tiny):
+    svc = DraftService(tiny["draft-random"])
+    batch = pb.TargetMessage(batch=pb.Batch(starts=[_start("a").start, _start("b").start, _start("").start]))
+    r = _one(svc.handle(batch), "replies")
+    assert sorted(p.seq for p in r.proposals) == ["a", "b"] and [e.code for e in r.errors] == [E.INVALID_ARGUMENT]
+    assert sorted(svc.sessions) == ["a", "b"]
+
+
 class _ScriptedInbox(Inbox):
     """An inbox that hands out `later` messages only when the loop would block (the target's answer)."""
 
