@@ -17,7 +17,8 @@ import torch
 from specserve.engine.engine import Engine, run_to_completion
 from specserve.engine.lm import load_model
 from specserve.engine.sequence import Request, SpeculationParams
-from specserve.engine.speculative import SpecConfig, generate
+from specserve.engine.speculative import SpecConfig
+from specserve.engine.single import generate
 
 PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",

@@ -7,7 +7,8 @@ from specserve.engine.engine import Engine, run_to_completion
 from specserve.engine.lm import LM, load_model
 from specserve.engine.scheduler import QueueFull
 from specserve.engine.sequence import Request, SpeculationParams
-from specserve.engine.speculative import SpecConfig, generate
+from specserve.engine.speculative import SpecConfig
+from specserve.engine.single import generate
 
 N_NEW = 20
 

@@ -9,10 +9,11 @@ from specserve.cli import main
 
 
 def test_bench_tiny_all_modes(tiny_dir, tmp_path, capsys):
+    """--k 3: on the tiny pair a draft step costs about a verify, so the policy's own k would be 0."""
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["bench", "--target", str(tiny_dir / "target"), "--draft", str(tiny_dir / "draft-same"),
                "--dtype", "float32", "--draft-quantize", "none", "--threads", "1", "--prompts", "chat",
-               "--n", "3", "--max-new-tokens", "16", "--out", str(out), "--plot", str(png)])
+               "--n", "3", "--max-new-tokens", "16", "--k", "3", "--out", str(out), "--plot", str(png)])
     table = capsys.readouterr().out
     assert rc == 0
     assert "| ar |" in table and "| hf-assisted |" in table and "| sd |" in table

@@ -1,4 +1,5 @@
-"""The SD loop on tiny random models: greedy exactness, stopping rules, sampling distribution."""
+"""`generate()` (one request through a one-slot engine) on tiny random models: greedy exactness,
+stopping rules, sampling distribution, bad input."""
 
 import pytest
 import torch
@@ -6,16 +7,25 @@ from scipy.stats import chisquare
 
 from specserve.engine.lm import LM, load_model
 from specserve.engine.sampling import SamplingParams, warp
-from specserve.engine.speculative import SpecConfig, Stats, generate
+from specserve.engine.scheduler import CostModel, LinearCost
+from specserve.engine.speculative import SpecConfig, Stats
+from specserve.engine.single import generate
 from specserve.models.tiny import tiny_model
 
 PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time, in a land far away, there"]
 
 
-def run(target, draft, ids, mode="sd", k=None, n=48, sampling=None, seed=0, stop=(), stop_prob=0.0):
+def cheap_draft() -> CostModel:
+    """Costs under which the policy starts out drafting (a nearly free draft); the rounds then
+    refine them with real timings (on the tiny pair a draft step costs about a verify)."""
+    return CostModel(LinearCost(1.0, 0.0), LinearCost(0.01, 0.0))
+
+
+
+def run(target, draft, ids, mode="sd", k=None, n=48, sampling=None, seed=0, stop=(), cost=None):
     st = Stats()
-    spec = SpecConfig(mode=mode, k=k, stop_prob=stop_prob)
-    chunks = list(generate(target, draft, ids, n, sampling, spec, seed, stop, st))
+    spec = SpecConfig(mode=mode, k=k)
+    chunks = list(generate(target, draft, ids, n, sampling, spec, seed, stop, st, cost=cost))
     return [t for c in chunks for t in c.token_ids], st, chunks
 
 
@@ -25,14 +35,20 @@ def prompts(tiny):
     return [tok(p)["input_ids"] for p in PROMPTS]
 
 
-@pytest.mark.parametrize("k, stop_prob", [(1, 0), (3, 0), (5, 0), (None, 0), (None, 0.003)])
+@pytest.mark.parametrize("k", [1, 3, 5, None])
 @pytest.mark.parametrize("draft_name", ["draft-same", "draft-random"])
-def test_greedy_sd_is_token_identical_to_ar(tiny, prompts, k, stop_prob, draft_name):
+def test_greedy_sd_is_token_identical_to_ar(tiny, prompts, k, draft_name):
+    """A fixed k drafts exactly k every round (the budget aside); None: the policy's k, here priced
+    with a nearly free draft, so that it speculates on the tiny pair."""
     target, draft = tiny["target"], tiny[draft_name]
     for ids in prompts:
         ar, st_ar, _ = run(target, None, ids, mode="ar")
-        sd, st, _ = run(target, draft, ids, k=k, stop_prob=stop_prob)
+        sd, st, _ = run(target, draft, ids, k=k, cost=cheap_draft() if k is None else None)
         assert sd == ar
+        left = [48 - sum(st.accepted_per_round[:r]) - r - 1 for r in range(st.rounds)]  # the budget's cut
+        if k is not None:
+            assert st.drafted_per_round == [min(k, b) for b in left]
+        assert st.draft_tokens > 0
         assert len(ar) == 48 and st_ar.rounds == 48 and st_ar.draft_tokens == 0
         if draft_name == "draft-same":
             assert st.acceptance_rate == 1.0
@@ -84,6 +100,27 @@ def test_stop_string_cuts_text_and_tokens_identically(tiny, prompts):
     assert stop in tok.decode(results[0]) and stop not in tok.decode(results[0][:-1])
 
 
+@pytest.mark.parametrize("mode, k", [("ar", None), ("sd", 3)])
+def test_a_callers_kv_cache_carries_a_conversation_between_calls(tiny, prompts, mode, k):
+    """target_cache (a long chat session's, on a replica): generate() prefills only past the prefix
+    it holds, stays exact, and leaves that same cache object holding prompt + output."""
+    target, draft = tiny["target"], tiny["draft-same"] if mode == "sd" else None
+    kv = target.new_cache()
+    out1, st1, _ = run(target, draft, prompts[0], mode=mode, k=k, n=12)
+    st = Stats()
+    assert [t for c in generate(target, draft, prompts[0], 12, spec=SpecConfig(mode=mode, k=k), stats=st,
+                                target_cache=kv) for t in c.token_ids] == out1
+    assert st.prefix_reused == 0 and kv.length >= len(prompts[0]) + 11  # the last token need not be cached
+    turn2 = prompts[0] + out1 + prompts[1]
+    ref, _, _ = run(target, None, turn2, mode="ar", n=12)
+    held = kv.length
+    st = Stats()
+    got = [t for c in generate(target, draft, turn2, 12, spec=SpecConfig(mode=mode, k=k), stats=st, target_cache=kv)
+           for t in c.token_ids]
+    assert got == ref and st.prefix_reused == held
+    assert kv.length >= len(turn2) + 11
+
+
 # ---- sampling: the distribution of the first two tokens under sd equals ar's ------------------
 
 V = 6
@@ -100,10 +137,11 @@ def exact_two_token_law(model, prompt, sp):
     return law.flatten()
 
 
-def two_token_counts(target, draft, prompt, sp, mode, draws, stop_prob=0.0):
+def two_token_counts(target, draft, prompt, sp, mode, draws, k=3):
     counts = torch.zeros(V * V)
     for seed in range(draws):
-        out, _, _ = run(target, draft, prompt, mode=mode, k=3, n=3, sampling=sp, seed=seed, stop_prob=stop_prob)
+        out, _, _ = run(target, draft, prompt, mode=mode, k=k, n=3, sampling=sp, seed=seed,
+                        cost=cheap_draft() if k is None and mode != "ar" else None)
         counts[out[0] * V + out[1]] += 1
     return counts
 
@@ -118,15 +156,15 @@ def chi2_pvalue(counts, law):
     return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
-@pytest.mark.parametrize("sp, stop_prob", [(SamplingParams(1.0), 0.0), (SamplingParams(0.8, top_k=4, top_p=0.9), 0.0),
-                                           (SamplingParams(1.0), 0.4)], ids=["t1", "warped", "early-stop"])
-def test_sd_sampling_matches_ar_distribution(sp, stop_prob):
+@pytest.mark.parametrize("sp, k", [(SamplingParams(1.0), 3), (SamplingParams(0.8, top_k=4, top_p=0.9), 3),
+                                   (SamplingParams(1.0), None)], ids=["t1", "warped", "policy-k"])
+def test_sd_sampling_matches_ar_distribution(sp, k):
     target = LM(tiny_model(V, seed=1, init_std=0.5))
     draft = LM(tiny_model(V, seed=2, layers=1, init_std=0.5))
     prompt = [1, 2, 3]
     law = exact_two_token_law(target.model, prompt, sp)
     ar = two_token_counts(target, None, prompt, sp, "ar", 1500)
-    sd = two_token_counts(target, draft, prompt, sp, "sd", 1500, stop_prob)
+    sd = two_token_counts(target, draft, prompt, sp, "sd", 1500, k)
     assert chi2_pvalue(ar, law) > 1e-3
     assert chi2_pvalue(sd, law) > 1e-3
 
@@ -148,7 +186,8 @@ def test_vocab_mismatch_names_both_sizes(tiny, prompts):
         next(generate(tiny["target"], other, prompts[0]))
 
 
-@pytest.mark.parametrize("kwargs, field", [({"k": 0}, "k"), ({"mode": "beam"}, "mode"), ({"k_max": 0}, "k_max")])
+@pytest.mark.parametrize("kwargs, field", [({"k": 0}, "k"), ({"mode": "beam"}, "mode"), ({"k_max": 0}, "k_max"),
+                                           ({"k_init": 9, "k_max": 8}, "k_init"), ({"stop_prob": 1.0}, "stop_prob")])
 def test_bad_spec_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SpecConfig(**kwargs)

@@ -104,7 +104,8 @@ def test_usage_is_exact_when_a_stop_string_ends_it(oai, grpc_client):
 @pytest.fixture(scope="module")
 def eos_prompt(tiny):
     """A one-token prompt after which the tiny target's greedy output ends at EOS (searched, seed 0)."""
-    from specserve.engine.speculative import SpecConfig, generate
+    from specserve.engine.single import generate
+    from specserve.engine.speculative import SpecConfig
 
     lm = tiny["target"]
     for t in range(1, lm.vocab_size):

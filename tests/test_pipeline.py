@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from specserve.engine.sampling import SamplingParams, rejection_sample, warp
-from specserve.engine.speculative import SpecConfig, generate
+from specserve.engine.speculative import SpecConfig
+from specserve.engine.single import generate
 from specserve.engine.ssd import DraftSession
 from specserve.pipeline.draft_server import DraftService, Inbox, serve, serve_stream
 from specserve.pipeline.remote_drafter import DraftClient, DraftError, DraftUnavailable, RemoteProposal

@@ -15,7 +15,8 @@ import grpc
 import pytest
 
 from specserve.client import Client, ClientError
-from specserve.engine.speculative import SpecConfig, generate
+from specserve.engine.speculative import SpecConfig
+from specserve.engine.single import generate
 from specserve.v1 import serving_pb2 as pb
 from specserve.v1 import serving_pb2_grpc as pb_grpc
 

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from specserve.engine.engine import Engine
-from specserve.engine.speculative import SpecConfig, generate
+from specserve.engine.speculative import SpecConfig
+from specserve.engine.single import generate
 from specserve.pipeline.draft_server import serve as serve_draft
 from specserve.serving.api import ApiError, GenParams, Limits, parse_generate, pb, stats_message
 from specserve.serving.router import RouterCore

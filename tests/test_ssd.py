@@ -9,7 +9,8 @@ import torch
 from specserve.engine import ssd
 from specserve.engine.lm import LM
 from specserve.engine.sampling import SamplingParams, rejection_sample, warp
-from specserve.engine.speculative import KPlan, SpecConfig, generate
+from specserve.engine.speculative import KPlan, SpecConfig
+from specserve.engine.single import generate
 from specserve.engine.ssd import (AcceptanceModel, DraftSession, Proposal, StaleRound, default_fanout,
                                   forward_branches, predict_outcomes, sparse_proposal)
 from specserve.models.tiny import tiny_model
@@ -88,14 +89,6 @@ def drive(target: LM, sess: DraftSession, prompt, n, sp=SamplingParams(), gen=No
         plan = plans(plan, j == len(d)) if plans else None
         prop = sess.on_outcome(prop.round, j, t, plan)
         partial += prop.cache_hit and j < len(d)
-
-
-def following(spec: SpecConfig):
-    """plans() of a target that keeps to what it announced (the loop's own rule, SpecConfig.plan)."""
-    def plans(prev, full):
-        k = spec.k_init if prev is None else prev.after(full)
-        return spec.plan(k, k)
-    return plans
 
 
 def wavering(rng: random.Random, ks=(1, 2, 3)):

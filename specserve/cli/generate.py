@@ -1,4 +1,4 @@
-"""`specserve generate`: one prompt through the engine in this process (ar, sd, or ssd with a draft worker)."""
+"""`specserve generate`: one prompt through a one-slot engine in this process (ar, sd, or ssd with a draft worker)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ def register(sub) -> None:
                    help="ar = target alone; sd = speculative, draft in this process; ssd = draft in its own "
                         "process over gRPC, pre-drafting likely outcomes (default: sd when --draft is given, else ar)")
     g.add_argument("--k", type=int, default=None,
-                   help="draft length: the most tokens a round drafts (default: adaptive within 1-10, chosen by "
-                        "the target's loop every round, for ssd too); a round may draft fewer when the draft "
-                        "doubts its guess")
+                   help="draft length: exactly K tokens a round, only the budget cuts it (default: the engine's "
+                        "policy chooses k in 0-8 every round, for ssd too; an ssd draft worker may end a "
+                        "proposal early when it doubts its guess)")
     add_ssd_flags(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -49,7 +49,8 @@ def cmd_generate(args) -> int:
 
 
 def _generate(args, mode, sp, prompt, fanout, threads, address) -> int:
-    from ..engine.speculative import SpecConfig, Stats, generate
+    from ..engine.single import generate
+    from ..engine.speculative import SpecConfig, Stats
     from ..pipeline.drafters import make_drafter
 
     # ssd drafts in the worker: no draft model in this process

@@ -4,9 +4,8 @@ The wire protocol has its own zero values (speculation.proto: an unset `stop_pro
 these are the values specserve chooses when a caller does not.
 """
 
-K = 4  # draft tokens per round: the adaptive k's start, and a session's k when the target sends no KPlan
-K_MIN = 1  # sd's adaptive k stays within [K_MIN, K_MAX]
-K_MAX = 10
+K = 4  # draft tokens per round: the policy's first k, and a session's k when the target sends no KPlan
+K_MAX = 8  # the engine's k policy chooses k within [0, K_MAX]
 STOP_PROB = 0.5  # a proposal ends after a token the draft itself gives less than this probability
 Q_TOP = 32  # sampling: tokens kept in each sparse draft distribution q' sent over the wire
 FANOUT_BUDGET = 8  # ssd: the most branches a round's speculation drafts

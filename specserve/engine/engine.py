@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .defaults import MAX_PREFILL_TOKENS
+from .defaults import K, K_MAX, MAX_PREFILL_TOKENS
 from .device import Clock, draw, synchronize, to_device
 from .lm import LM, check_pair
 from .runner import make_runner
@@ -100,7 +100,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, target: LM, draft: LM | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
-                 max_queue_len: int = 64, k_max: int = 8, k_init: int = 4, hysteresis: float = 0.05,
+                 max_queue_len: int = 64, k_max: int = K_MAX, k_init: int = K, hysteresis: float = 0.05,
                  max_prefill_tokens: int = MAX_PREFILL_TOKENS, native: bool | None = None, probe: bool = True,
                  cost: CostModel | None = None, ssd_skip_misses: bool = True):
         if max_num_seqs < 1:

@@ -135,7 +135,11 @@ class KVCache:
         """Drop cached tokens beyond `length` (rollback of rejected drafts)."""
         if length > self.length or length < 0:
             raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}")
-        if length < self.length:
+        if length == 0:
+            from transformers import DynamicCache
+
+            self.cache, self.length = DynamicCache(config=self.model.config), 0
+        elif length < self.length:
             self.cache.crop(length - self.length)  # transformers>=5: negative = tokens to remove
             self.length = length
 

@@ -270,10 +270,10 @@ class SerialCache(SlotPool):
 
     def _on_length(self, slot, n):
         kv = self.kv[slot]
-        if n == 0 or kv is None:
+        if kv is None:
             self.kv[slot] = KVCache(self.model)
         elif n < kv.length:
-            kv.crop(n)
+            kv.crop(n)  # in place: a caller's cache adopted into the slot (single.py) stays the same object
 
     @property
     def bytes(self) -> int:

@@ -40,7 +40,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .defaults import K, MAX_PREFILL_TOKENS
+from .defaults import K, K_MAX, MAX_PREFILL_TOKENS
 from .sequence import Sequence
 
 __all__ = ["QueueFull", "LinearCost", "MeasuredCost", "CostModel", "KPolicy", "expected_tokens", "ssd_miss_k", "prefill_feeds",
@@ -157,7 +157,7 @@ class KPolicy:
     """Pick the round's k for the rows that let the scheduler choose (see the module docstring)."""
 
     cost: CostModel
-    k_max: int = 8
+    k_max: int = K_MAX
     hysteresis: float = 0.05
     k: int = 0  # the current k, kept between rounds
     k_ssd: int = K  # the ssd rows' current k (their drafting is hidden: see choose_ssd)

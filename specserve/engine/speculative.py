@@ -1,77 +1,57 @@
-"""Speculative decoding (SD) and the plain autoregressive baseline (AR), as one loop.
+"""The vocabulary of speculation, shared by the engine and the drafters: no loop lives here.
 
-A round, with k draft tokens:
-  1. draft   -- the draft model proposes d_1..d_k, sampling each from its warped q_i.
-  2. verify  -- ONE target forward over [last committed token, d_1..d_k] gives p_1..p_{k+1}.
-  3. accept  -- rejection sampling keeps n drafts and adds a recovered or bonus token t*.
-  4. crop    -- the target's KV cache rolls back to the committed prefix (rejected drafts vanish).
-  5. emit    -- the n + 1 new tokens go out as one chunk (cut at EOS, stop string, budget), and
-               the drafter hears the outcome (it crops its own cache, or a remote SSD worker
-               answers with the next proposal, often from its speculation cache).
-AR is the same loop with k = 0: step 2 alone is one decode step, step 3 samples from p_1.
+  SpecConfig    how one generation speculates (mode, a fixed k or the policy's, the policy's bounds)
+  KPlan         the k a drafter drafts one proposal to (the target's engine owns k)
+  Stats         the counters of one generation, filled in while it streams
+  Chunk         the tokens one round commits, and their text
+  Drafter       what the engine asks of a drafter that is not its own draft model (ssd: a remote
+                worker); DraftUnavailable when it cannot go on (the row finishes as ar, exact)
 
-The output is exactly what the target alone produces: token-identical when greedy, the same
-distribution when sampling. The draft only changes how many tokens a round yields.
-
-This module does not know about processes, networks or sessions: it takes loaded models and
-token ids, and yields chunks.
+The loop itself is the batching engine (engine.py); `single.generate()` runs one request through it.
+This module does not know about models, caches, processes or networks.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import torch
 
 from . import defaults
-from .lm import LM, KVCache, check_pair
-from .sampling import SamplingParams, rejection_sample, resume_seed, sample, warp
-from .text import TextStream
 
-__all__ = ["SpecConfig", "KPlan", "Stats", "Chunk", "generate", "draft_step", "Drafter", "LocalDrafter",
-           "DraftUnavailable", "MODES"]
+__all__ = ["SpecConfig", "KPlan", "Stats", "Chunk", "Drafter", "DraftUnavailable", "MODES"]
 
 MODES = ("ar", "sd", "ssd")
 
 
 @dataclass
 class SpecConfig:
-    """How to speculate. k fixes the draft length; k=None adapts it within [k_min, k_max].
+    """How one generation speculates.
 
-    With `stop_prob` > 0 a round drafts fewer than k tokens when the draft doubts its own guess
-    (HF's assisted generation has the same idea); 0 always drafts k. Neither changes the output.
+    k fixes the draft length: exactly k drafts every round (only the budget cuts it; an ssd drafter
+    may propose fewer, `stop_prob`); None lets the engine's policy choose k every round, within
+    [0, k_max], from measured costs and acceptance (k = 0 is a plain decode round), starting at
+    k_init. `stop_prob` is the ssd draft worker's early stop: a proposal ends after a token the
+    draft itself gives less than this probability (0 = always draft k); sd rows draft what the
+    policy asks.
     """
 
     mode: str = "sd"
     k: int | None = None
     k_init: int = defaults.K
-    k_min: int = defaults.K_MIN
     k_max: int = defaults.K_MAX
-    stop_prob: float = defaults.STOP_PROB  # stop drafting after a token the draft gives less than this
+    stop_prob: float = defaults.STOP_PROB
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.k is not None and not 1 <= self.k <= 64:
             raise ValueError(f"k (draft length) must be between 1 and 64, got {self.k}")
-        if not 1 <= self.k_min <= self.k_init <= self.k_max <= 64:
-            raise ValueError(
-                f"need 1 <= k_min <= k_init <= k_max <= 64, got {self.k_min}, {self.k_init}, {self.k_max}")
+        if not 0 <= self.k_init <= self.k_max <= 64 or self.k_max < 1:
+            raise ValueError(f"need 0 <= k_init <= k_max <= 64 and k_max >= 1, got k_init {self.k_init}, "
+                             f"k_max {self.k_max}")
         if not 0 <= self.stop_prob < 1:
             raise ValueError(f"stop_prob must be in [0, 1), got {self.stop_prob}")
-
-    def next_k(self, k: int, full: bool) -> int:
-        """The k after a round drafted with k: fixed k stays; adaptive grows after a full accept, else shrinks."""
-        if self.k is not None:
-            return self.k
-        return min(k + 1, self.k_max) if full else max(k - 1, self.k_min)
-
-    def plan(self, k: int, kr: int) -> "KPlan":
-        """The loop's k for a proposal of at most kr drafts (k before the budget cut it), and the round after's."""
-        return KPlan(kr, self.next_k(k, True), self.next_k(k, False))
 
 
 @dataclass(frozen=True)
@@ -193,30 +173,6 @@ class Chunk:
     finish_reason: str | None = None  # set on the last chunk: eos | length | stop
 
 
-def draft_step(cache: KVCache, seq: list[int], k: int, sp: SamplingParams,
-               gen: torch.Generator, stop_prob: float) -> tuple[list[int], torch.Tensor | None]:
-    """Sample up to k draft tokens after `seq`; return (ids, q [len(ids), V] or None when greedy).
-
-    Drafting stops early after a token whose draft probability (of the softmax at temperature 1
-    when greedy) is below `stop_prob`: a guess the draft itself doubts is rarely accepted, and the
-    tokens after it even less. The cache ends holding seq + d_1..d_{n-1} (d_n is never fed).
-    """
-    logits = cache.forward(seq[cache.length:], keep=1)[-1]  # [V]
-    ids, qs = [], []
-    for i in range(k):
-        q = warp(logits, sp.temperature, sp.top_k, sp.top_p)  # [V]
-        ids.append(sample(q, gen))
-        if not sp.greedy:
-            qs.append(q)
-        if stop_prob > 0:
-            conf = q[ids[-1]] if not sp.greedy else torch.softmax(logits, -1)[ids[-1]]
-            if conf < stop_prob:
-                break
-        if i < k - 1:
-            logits = cache.forward([ids[-1]])[-1]
-    return ids, (torch.stack(qs) if qs else None)
-
-
 class DraftUnavailable(RuntimeError):
     """The drafter cannot go on (a remote worker died, stalled or refused); decoding continues alone."""
 
@@ -265,161 +221,3 @@ class Drafter:
             except DraftUnavailable as e:
                 out.append(e)
         return out
-
-
-class LocalDrafter(Drafter):
-    """A draft LM in this process, drafting on demand (plain SD)."""
-
-    def __init__(self, lm: LM, sp: SamplingParams, gen: torch.Generator, stop_prob: float):
-        self.cache, self.sp, self.gen, self.stop_prob = lm.new_cache(), sp, gen, stop_prob
-
-    def propose(self, seq, plan):
-        return draft_step(self.cache, seq, plan.k, self.sp, self.gen, self.stop_prob)
-
-    def on_outcome(self, accepted, token, committed, plan):
-        if self.cache.length > committed:
-            self.cache.crop(committed)
-
-
-def generate(
-    target: LM,
-    draft: LM | Drafter | None,
-    prompt_ids: list[int],
-    max_new_tokens: int = 128,
-    sampling: SamplingParams | None = None,
-    spec: SpecConfig | None = None,
-    seed: int | None = None,
-    stop: list[str] | tuple[str, ...] = (),
-    stats: Stats | None = None,
-    target_cache: KVCache | None = None,
-    resume_ids: list[int] | tuple[int, ...] = (),
-    resume_text: str = "",
-) -> Iterator[Chunk]:
-    """Stream the target's continuation of `prompt_ids`, one Chunk per round.
-
-    `draft` is a draft LM (drafted in this process), any `Drafter` (e.g. a remote SSD worker),
-    or None for mode "ar". If the drafter raises DraftUnavailable the sequence finishes as "ar"
-    (still exact) and `stats.fallback` says why. Pass `stats` to read the counters while or after
-    streaming. `target_cache` (e.g. a chat session's) must hold a strict prefix of `prompt_ids`
-    (the caller crops it); the loop prefills only the rest and leaves the cache holding a prefix of
-    prompt + output. `resume_ids` continue a generation begun elsewhere: output tokens committed
-    already (with `resume_text`, the text released for them); they count in `max_new_tokens`, the
-    stop strings and `stats.new_tokens`, and the draws come from `resume_seed(seed, len(resume_ids))`.
-    """
-    sp = sampling or SamplingParams()
-    spec = spec or SpecConfig()
-    st = stats if stats is not None else Stats()
-    prompt_ids = [int(t) for t in prompt_ids]
-    if not prompt_ids:
-        raise ValueError("prompt is empty: give at least one token of prompt")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if len(prompt_ids) >= target.max_len:
-        raise ValueError(f"prompt is {len(prompt_ids)} tokens but the target's context window is "
-                         f"{target.max_len}: shorten the prompt")
-    resume = [int(t) for t in resume_ids]
-    bad = [t for t in prompt_ids + resume if not 0 <= t < target.vocab_size]
-    if bad:
-        raise ValueError(f"prompt token ids must be in [0, {target.vocab_size}), got {bad[:5]}")
-    if spec.mode != "ar" and draft is None:
-        raise ValueError(f"mode {spec.mode!r} needs a draft model: pass --draft, or use mode 'ar'")
-    if isinstance(draft, LM):
-        check_pair(target, draft)
-
-    budget = min(max_new_tokens, target.max_len - len(prompt_ids))
-    if len(resume) >= budget:
-        raise ValueError(f"resume_ids hold {len(resume)} tokens, the whole budget of {budget}: nothing is left "
-                         "to generate")
-    seed = resume_seed(seed, len(resume)) if seed is not None else int.from_bytes(os.urandom(6), "little")
-    gen = torch.Generator().manual_seed(seed)
-    drafter: Drafter | None = None
-    if spec.mode != "ar":
-        drafter = LocalDrafter(draft, sp, gen, spec.stop_prob) if isinstance(draft, LM) else draft
-    text = TextStream(target.tokenizer, stop)
-    if resume:
-        text.resume(resume, resume_text)
-    eos = target.eos_ids
-    seq = prompt_ids + resume  # committed tokens; the caches hold a prefix of them
-    tc = target_cache if target_cache is not None else target.new_cache()
-    if tc.length >= len(seq):
-        raise ValueError(f"target_cache holds {tc.length} tokens but must hold fewer than the prompt's "
-                         f"{len(seq)}: crop it to a strict prefix")
-    st.prefix_reused = tc.length
-    k = (spec.k or spec.k_init) if drafter else 0  # the loop owns k: every proposal is asked for with its KPlan
-    st.prompt_tokens, st.new_tokens = len(prompt_ids), len(resume)
-    t_start = time.perf_counter()
-    try:
-        while st.new_tokens < budget:
-            kr = min(k, budget - st.new_tokens - 1) if drafter else 0  # never draft past the budget
-            # 1. draft up to kr tokens
-            t0 = time.perf_counter()
-            d, q = [], None
-            if kr > 0:
-                try:
-                    d, q = drafter.propose(seq, spec.plan(k, kr))
-                    if len(d) > kr:
-                        raise DraftUnavailable(f"the drafter proposed {len(d)} tokens when asked for at most {kr}")
-                except DraftUnavailable as e:  # give the drafter up (a remote one frees its sequence)
-                    drafter.close()
-                    drafter, st.fallback, d, q = None, f"ar after round {st.rounds}: {e}", [], None
-            kr = len(d)
-            t1 = time.perf_counter()
-            # 2. verify: one target forward over the uncached committed tokens + the drafts
-            logits = tc.forward(seq[tc.length:] + d, keep=kr + 1)  # [kr+1, V]
-            p = warp(logits, sp.temperature, sp.top_k, sp.top_p)  # [kr+1, V]
-            # 3. accept n drafts, then a recovered or bonus token
-            n, t_next = rejection_sample(torch.tensor(d, dtype=torch.long), q, p, gen)
-            t2 = time.perf_counter()
-            # 4. crop the target cache back to the committed prefix seq + d_1..d_n
-            tc.crop(len(seq) + n)
-            st.verify_s += t2 - t1
-            new = d[:n] + [t_next]
-            # 5. emit, cut at EOS / budget / stop string; tell the drafter the outcome if we go on
-            finish = None
-            for i, t in enumerate(new):
-                if t in eos:
-                    new, finish = new[: i + 1], "eos"
-                    break
-            if st.new_tokens + len(new) >= budget and finish is None:
-                new, finish = new[: budget - st.new_tokens], "length"
-            delta, keep = text.push(new, final=finish is not None)
-            if keep is not None:
-                new, finish = new[: keep - st.new_tokens], "stop"
-            st.drafted_per_round.append(kr)
-            st.hit_per_round.append(int(kr > 0 and drafter is not None and drafter.last_hit))
-            if drafter is not None and kr > 0:
-                k = spec.next_k(k, n == kr)  # the next round's k, decided before the drafter is asked for it
-                if not finish:
-                    t3 = time.perf_counter()
-                    k_next = max(0, min(k, budget - st.new_tokens - len(new) - 1))
-                    try:  # a draft cache crops to seq + d_1..d_n
-                        drafter.on_outcome(n, t_next, len(seq) + n, spec.plan(k, k_next))
-                    except DraftUnavailable as e:
-                        drafter.close()
-                        drafter, st.fallback = None, f"ar after round {st.rounds + 1}: {e}"
-                    wait = time.perf_counter() - t3
-                    st.draft_wait_s += wait
-                    if drafter is not None and drafter.last_hit:
-                        st.hit_wait_s += wait
-                    else:
-                        st.miss_wait_s += wait
-            st.draft_wait_s += t1 - t0
-            seq += new
-            st.rounds += 1
-            st.draft_tokens += kr
-            st.accepted_tokens += n
-            st.accepted_per_round.append(n)
-            st.new_tokens += len(new)
-            if drafter is not None:
-                st.cache_hits, st.cache_misses, st.late_hits = drafter.hits, drafter.misses, drafter.late_hits
-            st.elapsed_s = time.perf_counter() - t_start
-            if st.rounds == 1:
-                st.ttft_s = st.elapsed_s
-            if finish:
-                st.finish_reason = finish
-            yield Chunk(token_ids=new, text=delta, finish_reason=finish)
-            if finish:
-                return
-    finally:
-        if drafter is not None:
-            drafter.close()

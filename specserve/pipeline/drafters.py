@@ -1,7 +1,7 @@
-"""The drafter for a mode: the one place that maps ar / sd / ssd to what `generate()` drafts with.
+"""The drafter for a mode: the one place that maps ar / sd / ssd to what a request drafts with.
 
   ar   no drafter: the target alone
-  sd   the draft `LM` itself: the engine's loop drafts with it in this process (`LocalDrafter`)
+  sd   the draft `LM` itself: the engine drafts with it in this process, in batched steps
   ssd  a `RemoteDrafter`: one sequence on a `DraftClient` stream to a draft worker, which
        pre-drafts the likely outcomes (`speculate=False`: the same worker without pre-drafting)
 

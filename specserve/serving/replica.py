@@ -9,14 +9,16 @@ round ({token_ids, text, finish_reason}, the last with the stats). A request run
   engine queue is RESOURCE_EXHAUSTED, a cancelled consumer frees its slot. A chat session's turn
   carries the session's key: its slot stays parked with the conversation's KV when the turn ends,
   and the next turn keeps the common prefix (engine.py, "Prefix reuse").
-* **per sequence** (`stream`, on a thread of `pool`): every request when the replica has no
-  engine, and requests longer than the engine's `max_model_len` (a session's KV prefix then lives
-  in the session's own cache):
+* **on its own** (`stream`, on a thread of `pool`, through `engine.single.generate`: the same
+  engine with one slot sized to the request): every request when the replica has no engine, and
+  requests longer than the engine's `max_model_len` (a session's KV prefix then lives in the
+  session's own cache):
     1. encode    -- text, chat message or a session's whole history -> prompt token ids
     2. reuse     -- a session's KV cache keeps the longest common prefix with the new prompt
     3. draft     -- ar: none; sd: the draft in this process; ssd: a RemoteDrafter on the shared
                     DraftClient stream (no draft reachable -> the request runs as ar, and says so)
-    4. generate  -- the engine's per-sequence loop; the last chunk carries the stats
+    4. generate  -- `engine.single.generate`: the same engine, one slot sized to the request;
+                    the last chunk carries the stats
     5. keep      -- the session cache is left holding prompt + output (for the next turn)
 
 `forget_session(session)` drops what the replica keeps for a session that is gone (deleted or
@@ -47,7 +49,8 @@ from ..engine.lm import LM, KVCache
 from ..engine.sampling import SamplingParams, resume_seed
 from ..engine.scheduler import QueueFull as EngineQueueFull
 from ..engine.sequence import Request, SpeculationParams
-from ..engine.speculative import SpecConfig, Stats, generate
+from ..engine.single import generate
+from ..engine.speculative import SpecConfig, Stats
 from ..pipeline.drafters import make_drafter
 from ..pipeline.remote_drafter import DraftClient
 from ..pipeline.wire import draft_cache_key

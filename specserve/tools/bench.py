@@ -1,9 +1,9 @@
 """`specserve bench`: compare decoding modes on the same prompts, in one process run.
 
 Modes:
-  ar           the target alone, our loop with k = 0 (the baseline every ratio is against)
+  ar           the target alone, the engine with k = 0 (the baseline every ratio is against)
   hf-assisted  transformers' own `generate(..., assistant_model=draft)` on the same loaded models
-  sd           our speculative loop (adaptive k unless --k is given)
+  sd           the engine drafting with the draft in this process (the policy's k unless --k is given)
   ssd          the draft in its own process (a local `specserve draft-worker` on its own core, or
                --draft-address) over the gRPC speculation stream, pre-drafting likely outcomes
   ssd-nocache  the same remote draft without pre-drafting (the value of the speculation cache)
@@ -30,7 +30,8 @@ import torch
 
 from ..engine.lm import LM
 from ..engine.sampling import SamplingParams
-from ..engine.speculative import SpecConfig, Stats, generate
+from ..engine.single import generate, probe_costs
+from ..engine.speculative import SpecConfig, Stats
 from ..pipeline.drafters import make_drafter
 
 __all__ = ["BENCH_MODES", "Prompt", "load_prompts", "run_bench", "format_table", "plot"]
@@ -109,13 +110,20 @@ def load_prompts(spec: str, n: int) -> list[Prompt]:
 _FROM_STATS = [f.name for f in fields(Record) if f.name in {g.name for g in fields(Stats)}]
 
 
-def _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client=None, fanout=None) -> Record:
+def _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client=None, fanout=None, costs=None) -> Record:
+    """One request of `mode` through generate(); `costs` (mode -> CostModel) is shared by a bench's
+    requests of a mode, as a server's rounds share one: probed once, then refined by every round."""
     st = Stats()
     toks: list[int] = []
     spec = SpecConfig(mode=mode.split("-")[0], k=k)  # ssd-nocache: ssd without pre-drafting
     drafter = make_drafter(spec.mode, ids, target.vocab_size, sp, spec, draft=draft, client=client, fanout=fanout,
                            speculate=mode == "ssd", seed=seed, max_new_tokens=max_new)
-    for chunk in generate(target, drafter, ids, max_new, sp, spec, seed, (), st):
+    cost = None
+    if costs is not None and k is None and spec.mode != "ar":
+        if mode not in costs:
+            costs[mode] = probe_costs(target, draft if spec.mode == "sd" else None)
+        cost = costs[mode]
+    for chunk in generate(target, drafter, ids, max_new, sp, spec, seed, (), st, cost=cost):
         toks += chunk.token_ids
     return Record("", mode, token_ids=toks, **{f: getattr(st, f) for f in _FROM_STATS})
 
@@ -136,10 +144,10 @@ def _run_hf_assisted(target, draft, ids, max_new, sp, seed) -> Record:
     return Record("", "hf-assisted", len(ids), len(toks), dt, token_ids=toks)
 
 
-def run_one(mode, target, draft, ids, max_new, sp, k=None, seed=None, client=None, fanout=None) -> Record:
+def run_one(mode, target, draft, ids, max_new, sp, k=None, seed=None, client=None, fanout=None, costs=None) -> Record:
     if mode == "hf-assisted":
         return _run_hf_assisted(target, draft, ids, max_new, sp, seed)
-    return _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client, fanout)
+    return _run_engine(mode, target, draft, ids, max_new, sp, k, seed, client, fanout, costs)
 
 
 def _first_diff(a: list[int], b: list[int]) -> int | None:
@@ -223,17 +231,18 @@ def run_bench(target: LM, draft: LM, prompts: list[Prompt], modes: list[str], ma
     if any(m.startswith("ssd") for m in modes) and client is None:
         raise ValueError("--modes: ssd modes need a draft worker (a DraftClient)")
     encoded = [(p, target.encode(p.text, p.chat)) for p in prompts]
+    costs: dict = {}  # mode -> the cost model its requests share
     if warmup:
         ids = encoded[0][1]
         for m in modes:
-            run_one(m, target, draft, ids, min(8, max_new_tokens), sp, k, seed, client, fanout)
+            run_one(m, target, draft, ids, min(8, max_new_tokens), sp, k, seed, client, fanout, costs)
     records: list[Record] = []
     bar = tqdm(total=len(prompts) * len(modes), desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for i, (p, ids) in enumerate(encoded):
         order = modes[i % len(modes):] + modes[: i % len(modes)]
         got = {}
         for m in order:
-            r = run_one(m, target, draft, ids, max_new_tokens, sp, k, seed + i, client, fanout)
+            r = run_one(m, target, draft, ids, max_new_tokens, sp, k, seed + i, client, fanout, costs)
             r.prompt_id = p.id
             got[m] = r
             bar.set_postfix_str(f"{p.id} {m} {r.tokens_per_s:.2f} tok/s")

@@ -93,7 +93,8 @@ def exactness_checks(report: Report, device: str, quick: bool, workdir: Path) ->
     from ..engine.lm import load_model
     from ..engine.sampling import SamplingParams
     from ..engine.sequence import Request, SpeculationParams
-    from ..engine.speculative import SpecConfig, Stats, generate
+    from ..engine.single import generate
+    from ..engine.speculative import SpecConfig, Stats
     from ..models.tiny import build_tiny
     from ..pipeline.draft_server import serve
     from ..pipeline.drafters import make_drafter
