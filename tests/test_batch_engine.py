@@ -39,6 +39,7 @@ def spec(mode, k=None):
 
 
 def engine(tiny, draft=None, slots=4, **kw):
+    kw.setdefault("stop_prob", 0.0)  # drafts of the planned k exactly; the early stop has its own test
     return Engine(tiny["target"], tiny[draft] if draft else None, max_num_seqs=slots, max_model_len=512, **kw)
 
 
@@ -64,6 +65,19 @@ def test_every_row_of_a_batch_equals_its_batch_1_run(tiny, prompts, refs, mode, 
     if draft == "draft-same" and k is not None:
         assert all(s.stats.acceptance_rate == 1.0 for _, _, s in res.values())
         assert eng.stats.accepted_tokens == eng.stats.draft_tokens > 0
+
+
+def test_the_early_stop_ends_each_rows_draft_on_its_own_and_stays_exact(tiny, prompts, refs):
+    """stop_prob 0.003 (the tiny draft gives most tokens ~0.002): in a batch with joins, each sd row
+    ends its draft after a token it doubts, before k = 5, while the others go on drafting."""
+    eng = engine(tiny, "draft-random", stop_prob=0.003)
+    res = run_to_completion(eng, [Request(p, N_NEW, spec=spec("sd", 5)) for p in prompts[:4]],
+                            join_at={3: [Request(prompts[4], N_NEW, spec=spec("sd", 5))],
+                                     5: [Request(prompts[5], N_NEW, spec=spec("sd", 5))]})
+    assert [v[0] for v in res.values()] == refs
+    drafted = [d for _, _, s in res.values() for d in s.stats.drafted_per_round]
+    assert max(drafted) <= 5 and sum(0 < d < 5 for d in drafted) >= len(drafted) // 4
+    assert eng.stats.draft_tokens == sum(drafted)
 
 
 CHUNK_CASES = [("ar", None, None), ("sd", "draft-same", 3), ("sd", "draft-random", None)]

@@ -22,9 +22,9 @@ def cheap_draft() -> CostModel:
 
 
 
-def run(target, draft, ids, mode="sd", k=None, n=48, sampling=None, seed=0, stop=(), cost=None):
+def run(target, draft, ids, mode="sd", k=None, n=48, sampling=None, seed=0, stop=(), cost=None, stop_prob=0.0):
     st = Stats()
-    spec = SpecConfig(mode=mode, k=k)
+    spec = SpecConfig(mode=mode, k=k, stop_prob=stop_prob)
     chunks = list(generate(target, draft, ids, n, sampling, spec, seed, stop, st, cost=cost))
     return [t for c in chunks for t in c.token_ids], st, chunks
 
@@ -35,19 +35,23 @@ def prompts(tiny):
     return [tok(p)["input_ids"] for p in PROMPTS]
 
 
-@pytest.mark.parametrize("k", [1, 3, 5, None])
+@pytest.mark.parametrize("k, stop_prob", [(1, 0), (3, 0), (5, 0), (None, 0), (5, 0.003)])
 @pytest.mark.parametrize("draft_name", ["draft-same", "draft-random"])
-def test_greedy_sd_is_token_identical_to_ar(tiny, prompts, k, draft_name):
+def test_greedy_sd_is_token_identical_to_ar(tiny, prompts, k, stop_prob, draft_name):
     """A fixed k drafts exactly k every round (the budget aside); None: the policy's k, here priced
-    with a nearly free draft, so that it speculates on the tiny pair."""
+    with a nearly free draft, so that it speculates on the tiny pair; the early stop (stop_prob: the
+    tiny models give most tokens ~0.002) ends many drafts before k."""
     target, draft = tiny["target"], tiny[draft_name]
     for ids in prompts:
         ar, st_ar, _ = run(target, None, ids, mode="ar")
-        sd, st, _ = run(target, draft, ids, k=k, cost=cheap_draft() if k is None else None)
+        sd, st, _ = run(target, draft, ids, k=k, cost=cheap_draft() if k is None else None, stop_prob=stop_prob)
         assert sd == ar
         left = [48 - sum(st.accepted_per_round[:r]) - r - 1 for r in range(st.rounds)]  # the budget's cut
-        if k is not None:
+        if k is not None and not stop_prob:
             assert st.drafted_per_round == [min(k, b) for b in left]
+        if stop_prob:
+            assert all(d <= min(k, b) for d, b in zip(st.drafted_per_round, left))
+            assert sum(d < min(k, b) for d, b in zip(st.drafted_per_round, left)) >= st.rounds // 4
         assert st.draft_tokens > 0
         assert len(ar) == 48 and st_ar.rounds == 48 and st_ar.draft_tokens == 0
         if draft_name == "draft-same":
@@ -137,11 +141,11 @@ def exact_two_token_law(model, prompt, sp):
     return law.flatten()
 
 
-def two_token_counts(target, draft, prompt, sp, mode, draws, k=3):
+def two_token_counts(target, draft, prompt, sp, mode, draws, k=3, stop_prob=0.0):
     counts = torch.zeros(V * V)
     for seed in range(draws):
         out, _, _ = run(target, draft, prompt, mode=mode, k=k, n=3, sampling=sp, seed=seed,
-                        cost=cheap_draft() if k is None and mode != "ar" else None)
+                        cost=cheap_draft() if k is None and mode != "ar" else None, stop_prob=stop_prob)
         counts[out[0] * V + out[1]] += 1
     return counts
 
@@ -156,15 +160,15 @@ def chi2_pvalue(counts, law):
     return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
-@pytest.mark.parametrize("sp, k", [(SamplingParams(1.0), 3), (SamplingParams(0.8, top_k=4, top_p=0.9), 3),
-                                   (SamplingParams(1.0), None)], ids=["t1", "warped", "policy-k"])
-def test_sd_sampling_matches_ar_distribution(sp, k):
+@pytest.mark.parametrize("sp, k, stop_prob", [(SamplingParams(1.0), 3, 0.0), (SamplingParams(0.8, top_k=4, top_p=0.9), 3, 0.0),
+                                              (SamplingParams(1.0), None, 0.4)], ids=["t1", "warped", "policy-k-early-stop"])
+def test_sd_sampling_matches_ar_distribution(sp, k, stop_prob):
     target = LM(tiny_model(V, seed=1, init_std=0.5))
     draft = LM(tiny_model(V, seed=2, layers=1, init_std=0.5))
     prompt = [1, 2, 3]
     law = exact_two_token_law(target.model, prompt, sp)
     ar = two_token_counts(target, None, prompt, sp, "ar", 1500)
-    sd = two_token_counts(target, draft, prompt, sp, "sd", 1500, k)
+    sd = two_token_counts(target, draft, prompt, sp, "sd", 1500, k, stop_prob)
     assert chi2_pvalue(ar, law) > 1e-3
     assert chi2_pvalue(sd, law) > 1e-3
 

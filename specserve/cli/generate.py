@@ -18,9 +18,9 @@ def register(sub) -> None:
                    help="ar = target alone; sd = speculative, draft in this process; ssd = draft in its own "
                         "process over gRPC, pre-drafting likely outcomes (default: sd when --draft is given, else ar)")
     g.add_argument("--k", type=int, default=None,
-                   help="draft length: exactly K tokens a round, only the budget cuts it (default: the engine's "
-                        "policy chooses k in 0-8 every round, for ssd too; an ssd draft worker may end a "
-                        "proposal early when it doubts its guess)")
+                   help="draft length: the most tokens a round drafts (default: the engine's policy chooses k "
+                        "in 0-8 every round, for ssd too); a draft ends early after a token the draft "
+                        "doubts (< 0.5 probability; sd on the CPU, and ssd)")
     add_ssd_flags(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")

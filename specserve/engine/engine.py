@@ -12,7 +12,8 @@ One `step()` is one round over every running row:
                   end of the last round; the Start's in a row's first round). sd rows with k_i > 0 draft
                   in batched steps through the draft's own SlotCache: the first step feeds each
                   row's uncached tokens (a new prompt, or the catch-up after k = 0 rounds), the
-                  next ones feed d_j. Skipped entirely when every k_i is 0.
+                  next ones feed d_j; on the CPU a row stops after a token the draft doubts
+                  (`stop_prob`; it keeps that token). Skipped entirely when every k_i is 0.
   3. verify    -- ONE target forward over every row's uncached tokens + drafts (a new prompt is
                   prefilled here, beside the others' verification; at most `max_prefill_tokens`
                   prompt tokens a round: a longer prompt is fed in chunks over several rounds, its
@@ -43,7 +44,8 @@ On CUDA a round queues every draft step, the verify forward and the sampling wit
 the device, and step 5 is its only host sync: the host needs nothing else from the device (lengths,
 k and indices are host ints; host lists reach the device by `device.to_device`, a non-blocking
 pinned copy; draws use `device.draw`, not multinomial). Timings are CUDA events (`device.Clock`),
-read after that sync. tests/test_batch_gpu.py checks this on the CPU by tracing a round's ops.
+read after that sync (the early stop, which reads each draft step's confidences, is off there).
+tests/test_batch_gpu.py checks this on the CPU by tracing a round's ops.
 
 This module does not know about threads, asyncio, networks or sessions: a server runs `step()` in
 one loop and routes the (request id, Chunk) pairs. An ssd row's drafter is only the `Drafter`
@@ -58,7 +60,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .defaults import K, K_MAX, MAX_PREFILL_TOKENS
+from .defaults import K, K_MAX, MAX_PREFILL_TOKENS, STOP_PROB
 from .device import Clock, draw, synchronize, to_device
 from .lm import LM, check_pair
 from .runner import make_runner
@@ -102,7 +104,7 @@ class Engine:
     def __init__(self, target: LM, draft: LM | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
                  max_queue_len: int = 64, k_max: int = K_MAX, k_init: int = K, hysteresis: float = 0.05,
                  max_prefill_tokens: int = MAX_PREFILL_TOKENS, native: bool | None = None, probe: bool = True,
-                 cost: CostModel | None = None, ssd_skip_misses: bool = True):
+                 cost: CostModel | None = None, ssd_skip_misses: bool = True, stop_prob: float = STOP_PROB):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         limit = min(target.max_len, draft.max_len) if draft is not None else target.max_len
@@ -114,10 +116,16 @@ class Engine:
             check_pair(target, draft)
         self.target, self.draft, self.max_model_len = target, draft, max_model_len
         self.ssd_skip_misses = ssd_skip_misses  # let the policy answer ssd misses without drafts (KPlan.miss_k)
+        if not 0 <= stop_prob < 1:
+            raise ValueError(f"stop_prob must be in [0, 1), got {stop_prob}")
         self.trun = make_runner(target.model, max_num_seqs, max_model_len, native)
         self.drun = make_runner(draft.model, max_num_seqs, max_model_len, native) if draft is not None else None
         self.device = self.trun.cache.device
         self.clock = Clock(self.device)
+        # sd rows stop drafting after a token the draft gives less than this (on the CPU only: the
+        # check reads each step's confidences on the host, a sync per draft step on CUDA, where a
+        # doubted draft costs little to verify anyway)
+        self.stop_prob = stop_prob if self.device.type == "cpu" else 0.0
         self._draft_marks: list[tuple[int, object, object]] = []  # (tokens, start, end) of the round's draft steps
         if cost is None:
             cost = self.probe() if probe else CostModel(LinearCost(1.0, 0.05), LinearCost(0.3, 0.015) if draft else None)
@@ -388,6 +396,7 @@ class Engine:
         feed = [rows[b].ids[cache.length(rows[b].slot):] for b in act]  # catch-up tokens (>= 1 each)
         tokens = to_device([t for f in feed for t in f], self.device)
         logits = self._draft_forward([rows[b].slot for b in act], tokens, [len(f) for f in feed])
+        planned = list(kd)
         for j in range(max(kd)):
             sps = [rows[b].sp for b in act]
             qj = warp_rows(logits, sps, [1] * len(act))  # [A, V]
@@ -399,13 +408,29 @@ class Engine:
             drafts[pos] = dj
             if q is not None:
                 q[pos] = qj
+            if self.stop_prob > 0:  # a row ends its draft after a token it doubts (kept: it may be accepted)
+                for i in self._doubted(logits, qj, dj, [rows[b].sp.greedy for b in act]):
+                    kd[act[i]] = min(kd[act[i]], j + 1)
             nxt = [i for i, b in enumerate(act) if kd[b] > j + 1]  # rows that need d_{j+2}
             if not nxt:
                 break
             act = [act[i] for i in nxt]
             sel = dj[to_device(nxt, self.device)]  # [A'] fed without leaving the device
             logits = self._draft_forward([rows[b].slot for b in act], sel, [1] * len(act))
+        if kd != planned:  # rows that stopped early: their drafts back to back again
+            keep = to_device([off[b] + i for b in range(len(rows)) for i in range(kd[b])], self.device)
+            drafts, q = drafts[keep], (q[keep] if q is not None else None)
         return drafts, q
+
+    def _doubted(self, logits: torch.Tensor, qj: torch.Tensor, dj: torch.Tensor, greedy: list[bool]) -> list[int]:
+        """The active rows whose draft token dj the draft itself gives less than `stop_prob`: under
+        its sampling law q (sampled rows), or under its softmax at temperature 1 (greedy rows, whose
+        q is a point mass). Depends on the draft alone, so stopping there keeps the output exact."""
+        conf = qj.gather(1, dj[:, None])[:, 0]  # [A]
+        if any(greedy):
+            soft = torch.softmax(logits.float(), -1).gather(1, dj[:, None])[:, 0]  # [A]
+            conf = torch.where(to_device(greedy, self.device, torch.bool), soft, conf)
+        return [i for i, c in enumerate((conf < self.stop_prob).tolist()) if c]  # a host read: CPU only
 
     def _draft_forward(self, slots, tokens, lens):
         """One batched draft step; its time marks are read after the round's host read (step)."""

@@ -93,7 +93,8 @@ def generate(
     need = max(len(prompt_ids) + max_new_tokens, _PROBE_LEN)  # the budget cuts the sequence; the probe needs room
     engine = Engine(target, draft_lm, max_num_seqs=1, max_model_len=min(limit, need),
                     max_queue_len=1, k_max=spec.k_max, k_init=min(spec.k_init, spec.k_max),
-                    native=False if target_cache is not None else None, probe=choose, cost=cost)
+                    native=False if target_cache is not None else None, probe=choose, cost=cost,
+                    stop_prob=spec.stop_prob)
     context = prompt_ids + [int(t) for t in resume_ids]  # what the slot will hold before the first new token
     key = _adopt(engine, target_cache, context) if target_cache is not None else None
     req = Request(prompt_ids, max_new_tokens, sampling, seed, stop, SpeculationParams(spec.mode, spec.k),

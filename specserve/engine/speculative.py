@@ -28,12 +28,12 @@ MODES = ("ar", "sd", "ssd")
 class SpecConfig:
     """How one generation speculates.
 
-    k fixes the draft length: exactly k drafts every round (only the budget cuts it; an ssd drafter
-    may propose fewer, `stop_prob`); None lets the engine's policy choose k every round, within
-    [0, k_max], from measured costs and acceptance (k = 0 is a plain decode round), starting at
-    k_init. `stop_prob` is the ssd draft worker's early stop: a proposal ends after a token the
-    draft itself gives less than this probability (0 = always draft k); sd rows draft what the
-    policy asks.
+    k is the most drafts a round drafts: with k fixed, k every round (only the budget and the early
+    stop cut it); None lets the engine's policy choose k every round, within [0, k_max], from
+    measured costs and acceptance (k = 0 is a plain decode round), starting at k_init.
+    `stop_prob` is the early stop: a draft ends after a token the draft itself gives less than this
+    probability (0 = always draft k), in sd rows on the CPU (`Engine.stop_prob`) and in an ssd
+    draft worker.
     """
 
     mode: str = "sd"
