@@ -57,9 +57,9 @@ def generate(
     """Stream the target's continuation of `prompt_ids`, one Chunk per round.
 
     `draft` is a draft LM (mode sd: the engine drafts with it), any `Drafter` (mode ssd: e.g. a
-    RemoteDrafter to a draft worker), or None (mode ar). `spec.k` fixes the draft length (exactly k
-    every round, only the budget cuts it; an ssd drafter may propose fewer), None lets the engine's
-    policy choose it every round within [0, spec.k_max]. A drafter that raises DraftUnavailable is
+    RemoteDrafter to a draft worker), or None (mode ar). `spec.k` fixes the most drafts a round
+    drafts (the budget and the early stop, `spec.stop_prob`, cut it), None lets the engine's policy
+    choose it every round within [0, spec.k_max]. A drafter that raises DraftUnavailable is
     dropped: the rest runs as ar (still exact) and `stats.fallback` says why. `target_cache` must
     hold a strict prefix of `prompt_ids` (the caller crops it). `resume_ids` continue a generation
     begun elsewhere: output tokens committed already (with `resume_text`, the text released for
