@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specserve.engine.defaults import DRAFT_MAX_LEN, DRAFT_SLOTS, MAX_PREFILL_TOKENS
+from specserve.engine.defaults import DRAFT_MAX_LEN, DRAFT_SLOTS, MAX_PREFILL_TOKENS, STOP_PROB
 from specserve.serving.api import Limits
 
 __all__ = ["Replicas", "TargetConfig", "DraftConfig", "LimitsConfig", "RetryConfig", "AppConfig"]
@@ -105,6 +105,10 @@ class TargetConfig(_Strict):
     max_prefill_tokens: int = Field(MAX_PREFILL_TOKENS, ge=1)
     """Prompt tokens one engine round prefills beside the running rows' decoding; a longer prompt is
     prefilled in chunks over several rounds, so it never stalls the others for more than one chunk."""
+    stop_prob: float = Field(STOP_PROB, ge=0, lt=1)
+    """The early stop of sd rows on a CPU: a draft ends after a token the draft itself gives less than
+    this probability (0 = always draft the policy's k). A GPU replica ignores it (every row drafts
+    its k: the check would read the host every draft step)."""
     replicas: Replicas = Replicas()
     """Scaling and resources of the target deployment; `max_ongoing_requests` must let the engine
     fill its batch (at least max_num_seqs; max_num_seqs + max_queue_len lets requests queue in it)."""

@@ -61,7 +61,8 @@ class TargetDeployment:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.draft = draft
         engine = Engine(target, local, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
-                        max_queue_len=cfg.max_queue_len, max_prefill_tokens=cfg.max_prefill_tokens)
+                        max_queue_len=cfg.max_queue_len, max_prefill_tokens=cfg.max_prefill_tokens,
+                        stop_prob=cfg.stop_prob)
         log.info("target replica %s: batching engine %s", self.replica, engine.capacity())
         self.replica_core = TargetReplica(target, local, cfg.draft_timeout_s, self.replica, engine,
                                           on_step=EngineMetrics(cfg.served_model_name()))

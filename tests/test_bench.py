@@ -73,8 +73,9 @@ def test_bench_concurrency_levels_through_the_engine(tiny_dir, tmp_path, capsys)
     for key in ("sd@1", "ar@3", "sd@3", "ssd@1", "ssd@3", "hf-assisted@3"):
         assert summ[key]["mismatches"] == 0, (key, summ[key]["mismatch_detail"])
         assert summ[key]["new_tokens"] == 4 * 12 and summ[key]["aggregate_tokens_per_s"] > 0
-    # a fixed --k drafts exactly k (the budget aside); a draft equal to the target accepts all of it
-    assert summ["sd@3"]["acceptance_rate"] == 1.0 and 2 < summ["sd@3"]["mean_k"] <= 3 and summ["sd"] == summ["sd@1"]
+    # --k 3 is the most a round drafts (the tiny draft doubts nearly every token: the early stop ends
+    # most drafts after one); a draft equal to the target accepts all of it
+    assert summ["sd@3"]["acceptance_rate"] == 1.0 and 0 < summ["sd@3"]["mean_k"] <= 3 and summ["sd"] == summ["sd@1"]
     assert summ["ar@3"]["mean_batch"] > 1.5 and summ["ar@1"]["mean_batch"] == 1.0
     assert summ["ssd@3"]["acceptance_rate"] == 1.0 and summ["ssd@3"]["cache_hit_rate"] > 0.8  # a draft worker, batched
     assert summ["ssd@3"]["mean_batch"] > 1.5 and "fallbacks" not in summ["ssd@3"]

@@ -67,7 +67,8 @@ def test_per_position_counts_come_from_the_round_trace_and_reach_the_reply():
 
 def test_engine_observations_follow_every_round_of_a_real_engine(tiny):
     """Sampled sd on the random draft: partial acceptance, rows joining and leaving the batch."""
-    eng = Engine(tiny["target"], tiny["draft-random"], max_num_seqs=3, max_model_len=256, probe=False)
+    eng = Engine(tiny["target"], tiny["draft-random"], max_num_seqs=3, max_model_len=256, probe=False,
+                 stop_prob=0.0)  # the tiny draft doubts every token: no early stop, or every draft is 1 long
     ids = tiny["target"].encode("def add(a, b):")
     seqs = [eng.seqs[eng.add(Request(ids, 12 + 4 * i, SamplingParams(temperature=1.0), seed=i,
                                      spec=SpeculationParams("sd")))] for i in range(4)]
@@ -118,6 +119,7 @@ def test_the_engine_loop_calls_its_hook_while_idle_and_drops_one_that_raises(tin
 def app(tiny_dir):
     cfg = tiny_config(tiny_dir)
     cfg["draft"]["model"] = str(tiny_dir / "draft-random")  # sampled: partial acceptance, per position
+    cfg["target"]["stop_prob"] = 0.0  # the tiny draft doubts every token: without this every draft is 1 long
     port = free_port()
     with serve_app(cfg, metrics_port=port) as address:
         yield address, f"http://127.0.0.1:{port}/metrics"
