@@ -69,7 +69,10 @@ from .scheduler import CostModel, KPolicy, LinearCost, MeasuredCost, Scheduler, 
 from .sequence import Request, Sequence
 from .speculative import Chunk, DraftUnavailable, KPlan
 
-__all__ = ["Engine", "EngineStats", "run_to_completion"]
+__all__ = ["Engine", "EngineStats", "run_to_completion", "PROBE_LEN"]
+
+_PROBE_WARMUP = 8  # tokens a slot takes before the probe's timed forward (at most 5 more tokens)
+PROBE_LEN = 16  # the shortest max_model_len the start-up probe's forwards fit in
 
 
 @dataclass
@@ -502,7 +505,8 @@ class Engine:
             slots = [run.cache.alloc() for _ in range(rows)]
             try:
                 dev = run.cache.device
-                run.forward(slots, torch.zeros(rows * 8, dtype=torch.long, device=dev), [8] * rows, [1] * rows)
+                run.forward(slots, torch.zeros(rows * _PROBE_WARMUP, dtype=torch.long, device=dev),
+                            [_PROBE_WARMUP] * rows, [1] * rows)
                 synchronize(dev)  # outside the rounds: the probe may wait for the device
                 t0 = time.perf_counter()
                 run.forward(slots, torch.zeros(rows * tokens, dtype=torch.long, device=dev), [tokens] * rows,

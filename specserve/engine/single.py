@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .engine import Engine
-from .lm import LM, KVCache, check_pair
+from .engine import PROBE_LEN, Engine
+from .lm import LM, KVCache
 from .runner import SerialCache
 from .sampling import SamplingParams
 from .scheduler import CostModel
@@ -35,7 +35,6 @@ from .speculative import Chunk, Drafter, SpecConfig, Stats
 
 __all__ = ["generate", "probe_costs"]
 
-_PROBE_LEN = 16  # Engine.probe's forwards (8 tokens) must fit the one slot
 _KEY = "single:target_cache"  # the parked key of a caller's target_cache inside the private engine
 
 
@@ -79,8 +78,6 @@ def generate(
     if spec.mode != "ar" and draft_lm is None and drafter is None:
         want = "a draft LM" if spec.mode == "sd" else "a Drafter (e.g. a RemoteDrafter)"
         raise ValueError(f"mode {spec.mode!r} drafts with {want}, got {type(draft).__name__}")
-    if isinstance(draft, LM):
-        check_pair(target, draft)
     limit = min(target.max_len, draft_lm.max_len) if draft_lm is not None else target.max_len
     if len(prompt_ids) >= limit:
         raise ValueError(f"prompt is {len(prompt_ids)} tokens but the target's context window is {limit}: "
@@ -90,7 +87,7 @@ def generate(
                          f"{len(prompt_ids) + len(resume_ids)}: crop it to a strict prefix")
 
     choose = spec.mode != "ar" and spec.k is None  # the policy has a k to choose: it needs measured costs
-    need = max(len(prompt_ids) + max_new_tokens, _PROBE_LEN)  # the budget cuts the sequence; the probe needs room
+    need = max(len(prompt_ids) + max_new_tokens, PROBE_LEN)  # the budget cuts the sequence; the probe needs room
     engine = Engine(target, draft_lm, max_num_seqs=1, max_model_len=min(limit, need),
                     max_queue_len=1, k_max=spec.k_max, k_init=min(spec.k_init, spec.k_max),
                     native=False if target_cache is not None else None, probe=choose, cost=cost,
@@ -130,4 +127,4 @@ def _adopt(engine: Engine, kv: KVCache, context: list[int]) -> str:
 def probe_costs(target: LM, draft: LM | None = None) -> CostModel:
     """The cost model `generate()` would measure at its start (`Engine.probe` on one slot), for a
     caller that runs many requests one after another and passes it to each (`cost=`)."""
-    return Engine(target, draft, max_num_seqs=1, max_model_len=_PROBE_LEN, max_queue_len=1).policy.cost
+    return Engine(target, draft, max_num_seqs=1, max_model_len=PROBE_LEN, max_queue_len=1).policy.cost
