@@ -8,6 +8,7 @@ memory-bound machine; the prefill is compute-bound, the same work either way. On
 time (the fp32 1.5B target is ~7 GB).
 
     PYTHONPATH=. python scripts/decode_batch_cost.py --target qwen2.5-coder-1.5b --threads 2
+    PYTHONPATH=. python scripts/decode_batch_cost.py --target qwen2.5-coder-1.5b --threads 2 --dtype bfloat16
     PYTHONPATH=. python scripts/decode_batch_cost.py --target models/tiny/target   # a quick check
 """
 
@@ -16,7 +17,7 @@ import statistics
 import time
 
 from specserve.engine.engine import Engine
-from specserve.engine.lm import load_model
+from specserve.engine.lm import DTYPES, load_model
 from specserve.engine.sequence import Request, SpeculationParams
 from specserve.tools.bench import load_prompts
 
@@ -45,8 +46,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                    help="the target's dtype (bfloat16 is fast only on CPUs with AVX512-BF16 / AMX)")
     a = ap.parse_args()
-    target = load_model(a.target, threads=a.threads)
+    target = load_model(a.target, dtype=a.dtype, threads=a.threads)
+    print(f"{target.name}: {target.dtype}, {target.extra['kernels']} kernels")
     prompts = [target.encode(p.text, p.chat) for p in load_prompts("humaneval", a.batch)]
     one = run(target, prompts[:1], a.new_tokens)
     many = run(target, prompts, a.new_tokens)

@@ -129,3 +129,31 @@ def test_tree_rows_see_their_fork_of_the_shared_prefix_at_true_positions(kind):
     shifted = TreeRow(0, [5], [8], [12], torch.ones(1, 13, dtype=torch.bool).index_fill_(1, torch.arange(7, 12), False), 1)
     # random weights barely use position (a shift moves logits ~1e-4): hence the tight bounds above
     assert (runner.forward_rows([shifted])[0][0] - reference(model, prefix[:7] + [5])[-1]).abs().max() > 2e-5
+
+
+def test_bfloat16_linears_pack_and_match_transformers_in_bfloat16():
+    """kernels.pack_linears packs bf16 layers when asked: the ragged forward then matches
+    transformers' own bf16 forward within bf16 rounding, and float32 layers are left alone."""
+    from specserve.engine.kernels import PackedLinear
+    from specserve.engine.lm import _packable
+
+    model = random_model("qwen2").to(torch.bfloat16)
+    ref_model = random_model("qwen2").to(torch.bfloat16)
+    assert pack_linears(model, (torch.float32,)) == 0  # nothing float32 to pack
+    n = pack_linears(model, (torch.bfloat16,))
+    assert n == len([m for m in ref_model.modules() if type(m) is torch.nn.Linear]) and n > 0
+    assert isinstance(model.model.layers[0].mlp.down_proj, PackedLinear)
+    runner = make_runner(model, slots=2, max_len=64)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (9, 3)]
+    slots = [runner.cache.alloc() for _ in prompts]
+    logits, koff = runner.forward(slots, torch.tensor(sum(prompts, [])), [9, 3], [9, 3])
+    for b, p in enumerate(prompts):
+        ref = reference(ref_model, p)
+        assert (logits[koff[b]:koff[b + 1]] - ref).abs().max() < 0.05 * ref.abs().max()
+    # what load_model packs: float32 always, bfloat16 when asked or where the CPU has bf16 instructions
+    from specserve.engine.kernels import native_bf16
+    assert _packable("float32", "auto") == (torch.float32,)
+    assert _packable("bfloat16", "packed") == (torch.bfloat16,)
+    assert _packable("bfloat16", "auto") == ((torch.bfloat16,) if native_bf16() else ())
+    assert _packable("float16", "auto") == ()

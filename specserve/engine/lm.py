@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..models import resolve_model
-from .kernels import pack_linears
+from .kernels import native_bf16, pack_linears
 
 __all__ = ["LM", "KVCache", "load_model", "set_threads", "DTYPES", "check_pair", "resolve_device"]
 
@@ -164,10 +164,12 @@ def load_model(
     """Load a causal LM for CPU/GPU inference.
 
     name_or_path: a local model directory, a prepared name (`qwen2.5-coder-1.5b`) or a hub id.
-    dtype: float32 | bfloat16 | float16 (bfloat16 is by far the fastest exact choice on CPU).
+    dtype: float32 | bfloat16 | float16 (on CPU: bfloat16 is the fastest where the CPU has AMX or
+      AVX512-BF16, `kernels.native_bf16()`; float32 elsewhere).
     quantize: None / "none" or "int8" (dynamic int8 Linear layers; changes the model's outputs: for drafts,
       or for a target only as the user's explicit choice).
-    kernels: "auto" (pack float32 Linear weights for oneDNN on CPU, see kernels.py), "packed",
+    kernels: "auto" (pack float32 Linear weights for oneDNN on CPU, and bfloat16 ones on CPUs with
+      native bf16; see kernels.py), "packed" (bfloat16 too on any CPU),
       or "plain" (PyTorch's default nn.Linear).
     device: "cpu", "cuda[:N]" or "auto" (CUDA when available and not int8). On a GPU the model's
       forwards run there and logits come back to the CPU for sampling.
@@ -197,12 +199,22 @@ def load_model(
     elif device != "cpu":
         model.to(device)
         used = device
-    elif kernels != "plain" and dtype == "float32" and pack_linears(model):
+    elif kernels != "plain" and pack_linears(model, _packable(dtype, kernels)):
         used = "packed"
     tok = AutoTokenizer.from_pretrained(src) if tokenizer else None
     name = Path(src).name if os.path.isdir(src) else src
     return LM(model=model, tokenizer=tok, name=name, dtype=dtype, quantization=quantize,
               load_s=time.perf_counter() - t0, extra={"path": src, "params": params, "kernels": used})
+
+
+def _packable(dtype: str, kernels: str) -> tuple[torch.dtype, ...]:
+    """The weight dtypes `load_model` packs for oneDNN: float32 always; bfloat16 where the CPU has
+    bf16 instructions (elsewhere oneDNN would emulate them) or when asked for ("packed")."""
+    if dtype == "float32":
+        return (torch.float32,)
+    if dtype == "bfloat16" and (kernels == "packed" or native_bf16()):
+        return (torch.bfloat16,)
+    return ()
 
 
 def quantize_int8(model: Any) -> Any:
