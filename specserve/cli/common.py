@@ -36,8 +36,9 @@ def add_model_flags(p: argparse.ArgumentParser, draft_required: bool = False) ->
     p.add_argument("--target", required=True, help="target model: a directory, a prepared name or a hub id")
     p.add_argument("--draft", required=draft_required, default=None, help="draft model (same tokenizer as the target)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
-                   help="target dtype (default float32: with packed CPU kernels the fastest exact choice; "
-                        "the output is exact for the dtype you pick)")
+                   help="target dtype (default float32: exact batch to batch; bfloat16 is faster on GPUs and "
+                        "on CPUs with AMX/AVX512-BF16; the output is exact for the dtype you pick, up to ties "
+                        "at its precision)")
     p.add_argument("--draft-dtype", default="float32", choices=DTYPE_CHOICES,
                    help="draft dtype (never changes the output, only speed; default float32)")
     p.add_argument("--draft-quantize", default="int8", choices=QUANTIZE_CHOICES,
