@@ -82,8 +82,9 @@ class TargetConfig(_Strict):
 
     model: str = "qwen2.5-coder-1.5b"
     """Target model: a prepared name (`specserve models list`), a local directory or a hub id."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights' dtype: float32 (exact batch to batch; the fastest on CPUs without bf16 instructions) or
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights' dtype: auto (bfloat16 where the replica's GPU or CPU multiplies it natively, else
+    float32), float32 (exact batch to batch; the fastest on CPUs without bf16 instructions) or
     bfloat16 (on GPUs, and on CPUs with AMX / AVX512-BF16, where its linears are packed for oneDNN:
     ~1.5x ar@1 and ~2.4x ar@8 of float32, README "bfloat16 on CPUs with AMX")."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -134,8 +135,9 @@ class DraftConfig(_Strict):
 
     model: str = "qwen2.5-coder-0.5b"
     """Draft model, same vocabulary as the target: a prepared name, a local directory or a hub id."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights' dtype."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights' dtype (auto: bfloat16 where the replica's GPU or CPU multiplies it natively, else
+    float32; an int8 draft quantizes a float32 model whatever this says)."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """auto (the replica's GPU when Ray gave it one and quantize is none, else the CPU), cpu, or cuda[:N]."""
     quantize: Literal["int8", "none"] = "int8"

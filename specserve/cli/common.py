@@ -13,7 +13,7 @@ __all__ = ["UsageError", "add_sampling_flags", "add_model_flags", "add_ssd_flags
            "add_client_flags", "sampling", "read_prompt", "load_pair", "parse_fanout", "check_k", "split_modes",
            "draft_worker_or_address", "start_local_draft_worker", "draft_client", "write_json"]
 
-DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
+DTYPE_CHOICES = ["float32", "bfloat16", "float16", "auto"]  # auto: lm.resolve_dtype
 QUANTIZE_CHOICES = ["int8", "none"]
 TOKEN_ENV = "SPECSERVE_TOKEN"
 
@@ -37,8 +37,8 @@ def add_model_flags(p: argparse.ArgumentParser, draft_required: bool = False) ->
     p.add_argument("--draft", required=draft_required, default=None, help="draft model (same tokenizer as the target)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
                    help="target dtype (default float32: exact batch to batch; bfloat16 is faster on GPUs and "
-                        "on CPUs with AMX/AVX512-BF16; the output is exact for the dtype you pick, up to ties "
-                        "at its precision)")
+                        "on CPUs with AMX/AVX512-BF16, which auto picks; the output is exact for the dtype "
+                        "you pick, up to ties at its precision)")
     p.add_argument("--draft-dtype", default="float32", choices=DTYPE_CHOICES,
                    help="draft dtype (never changes the output, only speed; default float32)")
     p.add_argument("--draft-quantize", default="int8", choices=QUANTIZE_CHOICES,

@@ -24,7 +24,8 @@ import torch
 from ..models import resolve_model
 from .kernels import native_bf16, pack_linears
 
-__all__ = ["LM", "KVCache", "load_model", "set_threads", "DTYPES", "check_pair", "resolve_device", "release_free_memory"]
+__all__ = ["LM", "KVCache", "load_model", "set_threads", "DTYPES", "check_pair", "resolve_device", "resolve_dtype",
+           "release_free_memory"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,6 +42,19 @@ def resolve_device(device: str, quantize: str | None = None) -> str:
         if not torch.cuda.is_available():
             raise ValueError(f"device {device} asked for, but torch sees no CUDA GPU: use cpu or auto")
     return device
+
+
+def resolve_dtype(dtype: str, device: str, quantize: str | None = None) -> str:
+    """A dtype name, with "auto" decided for the resolved `device`: bfloat16 on a GPU that supports
+    it and on a CPU with native bf16 matmul (`kernels.native_bf16()`: AMX or AVX512-BF16), float32
+    elsewhere and for int8 (whose layers quantize a float32 model)."""
+    if dtype != "auto":
+        return dtype
+    if quantize is not None:
+        return "float32"
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if native_bf16() else "float32"
 
 
 def set_threads(threads: int | None) -> None:
@@ -167,8 +181,8 @@ def load_model(
     """Load a causal LM for CPU/GPU inference.
 
     name_or_path: a local model directory, a prepared name (`qwen2.5-coder-1.5b`) or a hub id.
-    dtype: float32 | bfloat16 | float16 (on CPU: bfloat16 is the fastest where the CPU has AMX or
-      AVX512-BF16, `kernels.native_bf16()`; float32 elsewhere).
+    dtype: float32 | bfloat16 | float16 | auto (on CPU: bfloat16 is the fastest where the CPU has AMX
+      or AVX512-BF16, `kernels.native_bf16()`, float32 elsewhere; auto picks so, see resolve_dtype).
     quantize: None / "none" or "int8" (dynamic int8 Linear layers; changes the model's outputs: for drafts,
       or for a target only as the user's explicit choice).
     kernels: "auto" (pack float32 Linear weights for oneDNN on CPU, and bfloat16 ones on CPUs with
@@ -181,14 +195,15 @@ def load_model(
 
     if not name_or_path:
         raise ValueError("model path is empty: give a model directory, a prepared name or a hub id")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES and dtype != "auto":
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
     quantize = None if quantize == "none" else quantize  # the flags' and the config's spelling of unset
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be 'int8' or 'none', got {quantize!r}")
     if kernels not in ("auto", "packed", "plain"):
         raise ValueError(f"kernels must be auto, packed or plain, got {kernels!r}")
     device = resolve_device(device, quantize)
+    dtype = resolve_dtype(dtype, device, quantize)
     set_threads(threads)
     src = resolve_model(str(name_or_path), dtype=dtype)  # a dir, a prepared name or a hub id
     t0 = time.perf_counter()
