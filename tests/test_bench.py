@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from specserve.engine.kernels import native_bf16
 from specserve.tools.bench import load_prompts
 from specserve.cli import main
 
@@ -25,6 +26,7 @@ def test_bench_tiny_all_modes(tiny_dir, tmp_path, capsys):
     sd = [r for r in res["records"] if r["mode"] == "sd"]
     assert all(sum(r["accepted_per_round"]) == r["accepted_tokens"] for r in sd)
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert res["config"]["native_bf16"] == native_bf16() and res["config"]["cpus"] >= 1  # machines differ
 
 
 def test_bench_reports_a_mismatch(tiny, monkeypatch):
@@ -83,6 +85,7 @@ def test_bench_concurrency_levels_through_the_engine(tiny_dir, tmp_path, capsys)
     assert summ["hf-assisted@3"]["sequential"] and "sequential" not in summ["ar@3"]
     sd = [r for r in res["records"] if r["mode"] == "sd"]  # the C = 1 traces, for `specserve simulate`
     assert len(sd) == 4 and all(len(r["drafted_per_round"]) == r["rounds"] for r in sd)
+    assert res["config"]["native_bf16"] == native_bf16() and res["config"]["cpus"] >= 1
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

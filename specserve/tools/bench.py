@@ -34,7 +34,7 @@ from ..engine.single import generate, probe_costs
 from ..engine.speculative import SpecConfig, Stats
 from ..pipeline.drafters import make_drafter
 
-__all__ = ["BENCH_MODES", "Prompt", "load_prompts", "run_bench", "format_table", "plot"]
+__all__ = ["BENCH_MODES", "Prompt", "load_prompts", "run_bench", "host_facts", "format_table", "plot"]
 
 BENCH_MODES = ("ar", "hf-assisted", "sd", "ssd", "ssd-nocache")
 DATA = Path(__file__).parents[1] / "data"
@@ -213,6 +213,15 @@ def summarize(records: list[Record], modes: list[str], greedy: bool) -> dict:
     return out
 
 
+def host_facts() -> dict:
+    """What a bench result depends on besides its flags: torch, the architecture, the CPUs and whether
+    they multiply bf16 natively (machines of one kind differ: README, "bfloat16 on CPUs with AMX")."""
+    from ..engine.kernels import native_bf16
+
+    return {"torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "native_bf16": native_bf16()}
+
+
 def run_bench(target: LM, draft: LM, prompts: list[Prompt], modes: list[str], max_new_tokens: int = 128,
               sampling: SamplingParams | None = None, k: int | None = None, seed: int = 0,
               warmup: bool = True, progress: bool = True, client=None, fanout: list[int] | None = None) -> dict:
@@ -258,8 +267,7 @@ def run_bench(target: LM, draft: LM, prompts: list[Prompt], modes: list[str], ma
             "target": target.describe(), "draft": draft.describe() if draft else None,
             "modes": modes, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p, "k": k, "seed": seed,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), **host_facts(),
         },
         "summary": summarize(records, modes, sp.greedy),
         "records": [asdict(r) | {"tokens_per_s": round(r.tokens_per_s, 3)} for r in records],

@@ -31,7 +31,7 @@ from ..engine.sampling import SamplingParams
 from ..engine.sequence import Request, SpeculationParams
 from ..engine.speculative import SpecConfig
 from ..pipeline.drafters import make_drafter
-from .bench import _first_diff, run_one
+from .bench import _first_diff, host_facts, run_one
 
 __all__ = ["BATCH_MODES", "run_levels", "logit_gap", "format_levels", "plot_levels"]
 
@@ -147,7 +147,7 @@ def run_levels(target: LM, draft: LM | None, encoded, modes: list[str], levels: 
     return {"config": {"target": target.describe(), "draft": draft.describe() if draft else None, "modes": modes,
                        "concurrency": sorted(levels), "prompts": len(encoded), "max_new_tokens": max_new,
                        "temperature": sp.temperature, "k": k, "seed": seed, "threads": torch.get_num_threads(),
-                       "engine": engine.capacity()},
+                       **host_facts(), "engine": engine.capacity()},
             "summary": summary, "records": records}
 
 
