@@ -92,6 +92,22 @@ def _where():
     return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "?"
 
 
+def test_rejection_with_point_mass_drafts_takes_no_host_data(monkeypatch):
+    """draft_probs None (every drafting row greedy, or n-gram drafts): the residual of a rejected
+    row is built on the device. A round of that kind was rare in the engine test below, so that
+    test caught it only now and then."""
+    from specserve.engine.sampling import batched_rejection_sample
+
+    V = 6
+    p = torch.softmax(torch.arange(2 * 3 + 2, dtype=torch.float32)[:, None] * torch.ones(V), -1)  # [N + B, V]
+    draft_ids = torch.tensor([1, 2, 0, 3, 4, 5])  # row 0 drafts 2, row 1 drafts 4
+    audit = RoundAudit("cpu")
+    audit.patch(monkeypatch)
+    with audit:
+        batched_rejection_sample(draft_ids, [2, 4], None, p, [None, None], greedy=[True, True])
+    assert audit.syncs == [] and audit.untracked == [], (audit.syncs, audit.untracked)
+
+
 def test_the_audit_sees_each_kind_of_sync(monkeypatch):
     """The audit itself can fail: every pattern it is meant to catch, caught (watching this file)."""
     audit = RoundAudit("cpu", watched=(__file__,))

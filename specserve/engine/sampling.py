@@ -211,7 +211,8 @@ def batched_rejection_sample(
     residual = base.clone()  # [B, V]
     if N:
         if draft_probs is None:
-            residual[rows, draft_ids[at]] = 0.0  # p - one_hot(d), clipped at 0
+            residual.index_put_((rows, draft_ids[at]), base.new_zeros(()))  # p - one_hot(d), clipped at 0
+            # (a Python 0.0 here would be lifted from the host: no host data outside to_device)
         else:
             residual = (residual - draft_probs[at].float()).clamp_(min=0.0)
     total = residual.sum(-1, keepdim=True)  # [B, 1]
