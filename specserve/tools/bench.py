@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.kernels import native_bf16
 from ..engine.lm import LM
 from ..engine.sampling import SamplingParams
 from ..engine.single import generate, probe_costs
@@ -216,8 +217,6 @@ def summarize(records: list[Record], modes: list[str], greedy: bool) -> dict:
 def host_facts() -> dict:
     """What a bench result depends on besides its flags: torch, the architecture, the CPUs and whether
     they multiply bf16 natively (machines of one kind differ: README, "bfloat16 on CPUs with AMX")."""
-    from ..engine.kernels import native_bf16
-
     return {"torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
             "native_bf16": native_bf16()}
 
