@@ -165,7 +165,10 @@ def test_scraped_metrics_after_sd_ssd_and_ar_requests(app):
         got = _scrape(url)
         if (_value(got, "specserve_spec_decode_num_accepted_tokens_total", **sd_tags) == want["accepted"]
                 and _value(got, "specserve_batch_size_count") == want["rounds"]
-                and any(lab.get("mode") == "ssd" for lab, _ in got.get("specserve_cache_hit_rate", []))):
+                and any(lab.get("mode") == "ssd" for lab, _ in got.get("specserve_cache_hit_rate", []))
+                and all({lab["mode"] for lab, _ in got.get(name, [])} == {"ar", "sd", "ssd"}
+                        for name in ("specserve_inter_token_latency_seconds_count", "specserve_ttft_seconds_count"))):
+            # the ar request's stats are recorded as its stream closes, so they may be a scrape behind
             break
         time.sleep(0.5)
     per_pos = "specserve_spec_decode_num_accepted_tokens_per_pos_total"
