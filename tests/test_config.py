@@ -81,3 +81,15 @@ def test_serve_cli_rejects_a_bad_config_file(tmp_path, capsys):
     assert "--config" in err and "num_cpus" in err
     assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_config_offers_the_dtypes_the_engine_and_the_cli_take():
+    """pydantic needs a Literal; it must name exactly engine.defaults.DTYPES plus auto, as the CLI's flags do."""
+    from typing import get_args
+
+    from deployments.config import DraftConfig, TargetConfig
+    from specserve.cli.common import DTYPE_CHOICES
+    from specserve.engine.defaults import DTYPES
+
+    for cfg in (TargetConfig, DraftConfig):
+        assert set(get_args(cfg.model_fields["dtype"].annotation)) == {*DTYPES, "auto"} == set(DTYPE_CHOICES), cfg

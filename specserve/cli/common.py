@@ -9,11 +9,13 @@ import os
 import sys
 from typing import Any
 
+from ..engine.defaults import DTYPES
+
 __all__ = ["UsageError", "add_sampling_flags", "add_model_flags", "add_ssd_flags", "add_fanout_budget_flag",
            "add_client_flags", "sampling", "read_prompt", "load_pair", "parse_fanout", "check_k", "split_modes",
            "draft_worker_or_address", "start_local_draft_worker", "draft_client", "write_json"]
 
-DTYPE_CHOICES = ["float32", "bfloat16", "float16", "auto"]  # auto: lm.resolve_dtype
+DTYPE_CHOICES = [*DTYPES, "auto"]  # auto: lm.resolve_dtype
 QUANTIZE_CHOICES = ["int8", "none"]
 TOKEN_ENV = "SPECSERVE_TOKEN"
 

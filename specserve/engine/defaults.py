@@ -1,9 +1,10 @@
-"""The speculation defaults, one owner each: every layer that needs one imports it from here.
+"""The engine's defaults and names, one owner each: every layer that needs one imports it from here.
 
 The wire protocol has its own zero values (speculation.proto: an unset `stop_prob` is 0 = off);
 these are the values specserve chooses when a caller does not.
 """
 
+DTYPES = ("float32", "bfloat16", "float16")  # the weights' dtypes a model loads in ("auto" picks one: lm.resolve_dtype)
 K = 4  # draft tokens per round: the policy's first k, and a session's k when the target sends no KPlan
 K_MAX = 8  # the engine's k policy chooses k within [0, K_MAX]
 STOP_PROB = 0.5  # a proposal ends after a token the draft itself gives less than this probability

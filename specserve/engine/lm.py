@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from ..models import resolve_model
+from .defaults import DTYPES as DTYPE_NAMES
 from .kernels import native_bf16, pack_linears
 
 __all__ = ["LM", "KVCache", "load_model", "set_threads", "DTYPES", "check_pair", "resolve_device", "resolve_dtype",
            "release_free_memory"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # name -> torch dtype
 
 
 def resolve_device(device: str, quantize: str | None = None) -> str:

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.defaults import DTYPES
 from .errors import PREPARE_HINT
 
 __all__ = [
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 METADATA_FILE = "specserve.json"
-SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
+SUPPORTED_DTYPES = DTYPES  # a prepared copy is stored in one of the dtypes a model loads in
 
 
 @dataclass(frozen=True)

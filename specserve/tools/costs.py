@@ -20,6 +20,7 @@ import torch
 
 from ..engine.defaults import FANOUT_BUDGET
 from ..engine.device import synchronize
+from ..engine.lm import DTYPES
 from ..engine.runner import make_runner
 from .cost_table import CostTable, key
 
@@ -39,7 +40,6 @@ QUICK_SHAPES = {
     "draft": dict(_COMMON, vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1),
 }
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def build_random(shape: dict, device: str, dtype: str, seed: int = 0):
