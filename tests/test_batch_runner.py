@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from specserve.engine.kernels import pack_linears
+from specserve.engine.kernels import bf16_packing_available, pack_linears
 from specserve.engine.runner import make_runner, native_supported
 from specserve.engine.slot_cache import CacheFull, SlotCache
 
@@ -131,6 +131,8 @@ def test_tree_rows_see_their_fork_of_the_shared_prefix_at_true_positions(kind):
     assert (runner.forward_rows([shifted])[0][0] - reference(model, prefix[:7] + [5])[-1]).abs().max() > 2e-5
 
 
+@pytest.mark.skipif(not bf16_packing_available(), reason="oneDNN cannot pack bfloat16 on this CPU (AVX2 only): "
+                    "the next test covers that path")
 def test_bfloat16_linears_pack_and_match_transformers_in_bfloat16():
     """kernels.pack_linears packs bf16 layers when asked: the ragged forward then matches
     transformers' own bf16 forward within bf16 rounding, and float32 layers are left alone."""
@@ -157,3 +159,20 @@ def test_bfloat16_linears_pack_and_match_transformers_in_bfloat16():
     assert _packable("bfloat16", "packed") == (torch.bfloat16,)
     assert _packable("bfloat16", "auto") == ((torch.bfloat16,) if native_bf16() else ())
     assert _packable("float16", "auto") == ()
+
+
+def test_where_bfloat16_cannot_be_packed_its_linears_stay_plain_and_forcing_it_names_the_fix(monkeypatch, tiny_dir):
+    """On an AVX2-only CPU oneDNN refuses to pack bf16 weights: pack_linears leaves them alone (and
+    still packs float32 ones), and load_model(kernels="packed", dtype="bfloat16") says what to use."""
+    from specserve.engine import kernels, lm
+
+    monkeypatch.setattr(kernels, "bf16_packing_available", lambda: False)
+    monkeypatch.setattr(lm, "bf16_packing_available", lambda: False)
+    model = random_model("qwen2").to(torch.bfloat16)
+    assert pack_linears(model, (torch.bfloat16, torch.float32)) == 0
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert pack_linears(random_model("qwen2"), (torch.bfloat16, torch.float32)) > 0  # float32 still packs
+    with pytest.raises(ValueError, match="kernels 'packed' with dtype bfloat16.*use kernels 'auto'.*or dtype float32"):
+        lm.load_model(str(tiny_dir / "target"), dtype="bfloat16", kernels="packed")
+    monkeypatch.setattr(lm, "native_bf16", lambda: True)  # even where auto would pack bf16
+    assert lm.load_model(str(tiny_dir / "target"), dtype="bfloat16", kernels="auto").extra["kernels"] == "plain"

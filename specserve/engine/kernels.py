@@ -3,10 +3,10 @@
 Why: on CPUs without native bf16 matmul (no AVX512-BF16/AMX), a forward over 2-9 tokens in
 bf16 or plain fp32 costs 2-4x a one-token step, which eats the gain of verifying k drafts at
 once. With the weights pre-packed for oneDNN, a float32 forward over 1-5 tokens costs about the
-same as one token (measured on the Qwen2.5-Coder 1.5B target; see the README's bench section).
+same as one token (measured on the Qwen2.5-Coder 1.5B target; see docs/benchmarks.md).
 On CPUs with native bf16 matmul (`native_bf16()`), bfloat16 weights packed the same way run on
 those instructions: half the bytes of float32 to read per step, and prefill several times
-faster (README, "bfloat16 on CPUs with AMX").
+faster (docs/benchmarks.md, "bfloat16 on CPUs with AMX").
 
 The packed layer computes the same product as nn.Linear in its dtype, with a different summation
 order; both `ar` and `sd` run through the same packed layers, so greedy exactness holds between
@@ -15,13 +15,28 @@ them. This module does not know about decoding; it rewrites modules.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["PackedLinear", "pack_linears", "packing_available", "native_bf16"]
+__all__ = ["PackedLinear", "pack_linears", "packing_available", "bf16_packing_available", "native_bf16"]
 
 
 def packing_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@functools.cache
+def bf16_packing_available() -> bool:
+    """Whether oneDNN can pack bfloat16 weights on this CPU: it needs AVX512BW/VL/DQ or AVX-NE-CONVERT,
+    so an AVX2-only CPU cannot. Found out once, by packing a small weight."""
+    if not packing_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
 
 
 def native_bf16() -> bool:
@@ -51,9 +66,11 @@ class PackedLinear(torch.nn.Module):
 
 def pack_linears(model: torch.nn.Module, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> int:
     """Replace every nn.Linear of `model` whose weight is of one of `dtypes` by a PackedLinear;
-    return how many."""
+    return how many. bfloat16 layers stay as they are where oneDNN cannot pack them (`bf16_packing_available`)."""
     if not packing_available():
         return 0
+    if not bf16_packing_available():
+        dtypes = tuple(d for d in dtypes if d != torch.bfloat16)
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -23,7 +23,7 @@ import torch
 
 from ..models import resolve_model
 from .defaults import DTYPES as DTYPE_NAMES
-from .kernels import native_bf16, pack_linears
+from .kernels import bf16_packing_available, native_bf16, pack_linears
 
 __all__ = ["LM", "KVCache", "load_model", "set_threads", "DTYPES", "check_pair", "resolve_device", "resolve_dtype",
            "release_free_memory"]
@@ -187,7 +187,8 @@ def load_model(
     quantize: None / "none" or "int8" (dynamic int8 Linear layers; changes the model's outputs: for drafts,
       or for a target only as the user's explicit choice).
     kernels: "auto" (pack float32 Linear weights for oneDNN on CPU, and bfloat16 ones on CPUs with
-      native bf16; see kernels.py), "packed" (bfloat16 too on any CPU),
+      native bf16; see kernels.py), "packed" (bfloat16 too on any CPU whose oneDNN can pack it:
+      AVX512BW/VL/DQ or AVX-NE-CONVERT; elsewhere a ValueError),
       or "plain" (PyTorch's default nn.Linear).
     device: "cpu", "cuda[:N]" or "auto" (CUDA when available and not int8). On a GPU the model's
       forwards run there and logits come back to the CPU for sampling.
@@ -205,6 +206,10 @@ def load_model(
         raise ValueError(f"kernels must be auto, packed or plain, got {kernels!r}")
     device = resolve_device(device, quantize)
     dtype = resolve_dtype(dtype, device, quantize)
+    if kernels == "packed" and device == "cpu" and dtype == "bfloat16" and not quantize and not bf16_packing_available():
+        raise ValueError("kernels 'packed' with dtype bfloat16: oneDNN cannot pack bfloat16 weights on this CPU "
+                         "(it needs AVX512BW/VL/DQ or AVX-NE-CONVERT): use kernels 'auto' (plain bfloat16 "
+                         "linears here) or dtype float32 (packed)")
     set_threads(threads)
     src = resolve_model(str(name_or_path), dtype=dtype)  # a dir, a prepared name or a hub id
     t0 = time.perf_counter()
