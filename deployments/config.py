@@ -86,7 +86,7 @@ class TargetConfig(_Strict):
     """Weights' dtype: auto (bfloat16 where the replica's GPU or CPU multiplies it natively, else
     float32), float32 (exact batch to batch; the fastest on CPUs without bf16 instructions) or
     bfloat16 (on GPUs, and on CPUs with AMX / AVX512-BF16, where its linears are packed for oneDNN:
-    ~1.5x ar@1 and ~2.4x ar@8 of float32, README "bfloat16 on CPUs with AMX")."""
+    ~1.5x ar@1 and ~2.4x ar@8 of float32, docs/benchmarks.md, "bfloat16 on CPUs with AMX")."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """auto (the replica's GPU when Ray gave it one, else the CPU), cpu, or cuda[:N]."""
     threads: Optional[int] = Field(None, ge=1)

@@ -339,7 +339,7 @@ class RemoteDrafter(Drafter):
     only the worker's default for a message without a plan; fan-out and speculation stay the
     worker's. `stop_prob` is sd's early-stop rule on the draft side (a proposal ends after a
     token the draft gives less than this probability; 0 always drafts k): on the real pair it
-    lifts acceptance from 0.67 to 0.80 and the cache hit rate from 0.59 to 0.74 (README, SSD).
+    lifts acceptance from 0.67 to 0.80 and the cache hit rate from 0.59 to 0.74 (docs/benchmarks.md, "SSD on this CPU").
     `on_outcome` reports the outcome and waits for the next proposal: a cache hit answers at
     once, a miss after a just-in-time draft. Every wait has a deadline; a late or broken draft
     (or one that proposes more than asked) raises DraftUnavailable and the loop finishes the

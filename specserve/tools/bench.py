@@ -216,7 +216,7 @@ def summarize(records: list[Record], modes: list[str], greedy: bool) -> dict:
 
 def host_facts() -> dict:
     """What a bench result depends on besides its flags: torch, the architecture, the CPUs and whether
-    they multiply bf16 natively (machines of one kind differ: README, "bfloat16 on CPUs with AMX")."""
+    they multiply bf16 natively (machines of one kind differ: docs/benchmarks.md, "bfloat16 on CPUs with AMX")."""
     return {"torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
             "native_bf16": native_bf16()}
 
