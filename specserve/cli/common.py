@@ -46,7 +46,9 @@ def add_model_flags(p: argparse.ArgumentParser, draft_required: bool = False) ->
     p.add_argument("--draft-quantize", default="int8", choices=QUANTIZE_CHOICES,
                    help="dynamic int8 quantization of the draft (default int8: never changes the output)")
     p.add_argument("--kernels", default="auto", choices=["auto", "packed", "plain"],
-                   help="CPU matmul kernels for float32 models (auto = oneDNN-packed weights)")
+                   help="CPU matmul kernels (default auto: float32 weights packed for oneDNN, and bfloat16 ones where "
+                        "the CPU multiplies bf16 natively; packed: bfloat16 too wherever oneDNN can pack it; "
+                        "plain: PyTorch's nn.Linear)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
