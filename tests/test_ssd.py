@@ -143,6 +143,29 @@ def test_fanout_is_refit_from_measured_acceptance():
         m.fanout(4, -1)
 
 
+def test_the_round_s_doubtful_draft_gets_the_branches_once_confidence_is_measured():
+    """A draft whose confident tokens (q >= 0.9) are always accepted and whose doubtful ones (q < 0.5,
+    where it stopped early) are rejected half the time: the per-position average spreads the budget,
+    the acceptance by confidence puts it where this round's doubtful draft is."""
+    m = AcceptanceModel()
+    conf = [0.95, 0.95, 0.3]
+    assert m.fanout(3, 8, conf=conf) == m.fanout(3, 8)  # unmeasured: confidence changes nothing yet
+    for n in range(400):
+        m.observe(3, 3 if n % 2 else 2, conf)  # position 2 (q = 0.3) rejected every other round
+        m.observe_rank(n % 2 == 1, 0)
+    assert m.conf_accept_rate(0.95) > 0.95 and abs(m.conf_accept_rate(0.3) - 0.5) < 0.05
+    assert m.stats()["accept_by_conf"][9] > 0.95
+    by_conf, by_pos = m.fanout(3, 8, 0.01, conf=conf), m.fanout(3, 8, 0.01)
+    assert by_conf[:2] == [0, 0] and by_conf[2] >= 1 and by_conf[3] >= 1  # the confident positions never end a round
+    # the same drafts, confident all through: the round ends at the bonus position, nowhere else
+    assert m.fanout(3, 8, 0.01, conf=[0.95, 0.95, 0.95]) == [0, 0, 0, 1]
+    p_conf = m.outcome_probs(3, conf)
+    assert p_conf[0] < 0.05 and p_conf[1] < 0.05 and abs(p_conf[2] - 0.5) < 0.06 and sum(p_conf) == pytest.approx(1)
+    assert by_pos != by_conf or m.outcome_probs(3) != p_conf  # what conf adds is not the position model
+    with pytest.raises(ValueError, match="one probability per draft"):
+        m.fanout(3, 8, conf=[0.5])
+
+
 def test_sparse_proposal_is_exact_and_normalised():
     probs = torch.tensor([0.1, 0.4, 0.0, 0.3, 0.2])
     ids, ps, dense = sparse_proposal(probs, 3)
@@ -250,6 +273,7 @@ def test_greedy_ssd_is_token_identical_to_ar(tiny, sharp, prompts, k, pair):
         sess = DraftSession(draft, ids, SamplingParams(), k=k, max_new_tokens=N)
         out, st = drive(target, sess, ids, N)
         assert out == ar and len(out) == N
+        assert sum(sess.acceptance.conf_offered) > 0  # the outcomes taught the acceptance by confidence
         hits, misses, partial = hits + sess.hits, misses + sess.misses, partial + st["partial_hits"]
         if pair == "same":  # every outcome is "all accepted + target argmax", which the draft predicts
             assert st["acc"] == st["drafted"]  # cached proposals are right, not just present

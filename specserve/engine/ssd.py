@@ -118,10 +118,18 @@ class AcceptanceModel:
     its mass is beyond every candidate). One model serves the sequences of one draft worker's
     stream (one target/draft pair). Not yet: a budget from measured step costs (it is fixed,
     `defaults.FANOUT_BUDGET`, with `FANOUT_MIN_GAIN` as each branch's price).
+
+    Where the round's drafts come with the draft's own probability of each (`conf`, its confidence
+    q_i in d_{i+1}), a_i is instead the measured acceptance of drafts of that confidence
+    (`CONF_BINS` bins over [0, 1], each with the prior `accept`, so an unmeasured pair fans out as
+    by position, and the bins learn the draft's calibration against the target): one round's doubtful
+    draft (the last one, when the draft stopped early at q < stop_prob) is where it is likely
+    rejected, so its position gets the branches that a per-position average would spread out.
     """
 
     RANKS = 64  # ranks tracked per kind; candidates beyond them are never worth a branch
     POSITIONS = 65  # draft positions 0..64 (k <= 64)
+    CONF_BINS = 10  # bins of the draft's confidence q in a draft: [0, 0.1), ..., [0.9, 1]
 
     def __init__(self, accept: float = 0.8, prior_n: float = 8.0):
         if not 0 < accept < 1:
@@ -133,16 +141,32 @@ class AcceptanceModel:
         self.kept = [0] * self.POSITIONS  # ... and accepted it
         self.rank_counts = {kind: [0] * self.RANKS for kind in (False, True)}  # bonus? -> counts by rank
         self.ranked = {False: 0, True: 0}
+        self.conf_offered = [0] * self.CONF_BINS  # drafts verified, by the draft's confidence bin
+        self.conf_kept = [0] * self.CONF_BINS  # ... and accepted
 
     @staticmethod
     def _prior_rank(bonus: bool, f: int) -> float:
         return 0.5 ** (f + 1) if bonus else 0.5 ** (f + 2)
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        """One verified round: `accepted` of `drafted` drafts kept."""
+    def observe(self, drafted: int, accepted: int, conf: list[float] | None = None) -> None:
+        """One verified round: `accepted` of `drafted` drafts kept; conf: the draft's probability of
+        each draft (when known), for the acceptance by confidence."""
         for i in range(min(accepted + 1, drafted, self.POSITIONS)):
             self.offered[i] += 1
             self.kept[i] += i < accepted
+        if conf is not None and len(conf) >= drafted:
+            for i in range(min(accepted + 1, drafted)):
+                b = self._bin(conf[i])
+                self.conf_offered[b] += 1
+                self.conf_kept[b] += i < accepted
+
+    def _bin(self, q: float) -> int:
+        return min(max(int(q * self.CONF_BINS), 0), self.CONF_BINS - 1)
+
+    def conf_accept_rate(self, q: float) -> float:
+        """Acceptance of a draft the draft gave probability q (posterior mean of its bin)."""
+        b, n0 = self._bin(q), self.prior_n
+        return (self.conf_kept[b] + n0 * self.prior_accept) / (self.conf_offered[b] + n0)
 
     def observe_rank(self, bonus: bool, rank: int) -> None:
         """Where the draft ranked the realised t* among its candidates (0 = its first choice)."""
@@ -160,17 +184,19 @@ class AcceptanceModel:
         n0, n, counts = self.prior_n, self.ranked[bonus], self.rank_counts[bonus]
         return [(counts[f] + n0 * self._prior_rank(bonus, f)) / (n + n0) for f in range(self.RANKS)]
 
-    def outcome_probs(self, k: int) -> list[float]:
-        """P(a round of k drafts ends at position i), i = 0..k (k = the bonus position)."""
+    def outcome_probs(self, k: int, conf: list[float] | None = None) -> list[float]:
+        """P(a round of k drafts ends at position i), i = 0..k (k = the bonus position); from the
+        acceptance by confidence when the drafts' `conf` is given, else by position."""
         out, reach = [], 1.0
         for i in range(k):
-            a = self.accept_rate(i)
+            a = self.conf_accept_rate(conf[i]) if conf is not None else self.accept_rate(i)
             out.append(reach * (1 - a))
             reach *= a
         return out + [reach]
 
-    def fanout(self, k: int, budget: int, min_gain: float = 0.0) -> list[int]:
-        """F_0..F_k maximising P(hit) - min_gain * branches, with at most `budget` branches.
+    def fanout(self, k: int, budget: int, min_gain: float = 0.0, conf: list[float] | None = None) -> list[int]:
+        """F_0..F_k maximising P(hit) - min_gain * branches, with at most `budget` branches (conf:
+        the round's draft confidences, see the class docstring).
 
         P(hit) = sum_i P(i) P(rank < F_i | i). Exact (a knapsack over positions; a position's
         top-F rule takes candidates in rank order, so a measured rank-1 outcome is bought with
@@ -180,7 +206,9 @@ class AcceptanceModel:
             raise ValueError(f"k must be in [0, {self.POSITIONS - 1}], got {k}")
         if budget < 0:
             raise ValueError(f"fan-out budget must be >= 0, got {budget}")
-        P = self.outcome_probs(k)
+        if conf is not None and len(conf) != k:
+            raise ValueError(f"conf needs one probability per draft ({k}), got {len(conf)}")
+        P = self.outcome_probs(k, conf)
         covered = {b: [0.0, *accumulate(self.rank_probs(b))] for b in (False, True)}  # P(rank < F), F = 0..RANKS
         best = [(0.0, [])] * (budget + 1)  # [b]: the best (value, F_{i+1}..F_k) with at most b branches
         for i in range(k, -1, -1):
@@ -196,8 +224,10 @@ class AcceptanceModel:
         return best[budget][1]
 
     def stats(self) -> dict:
-        """The fitted acceptance per position (first 10) and P(rank 0) of bonus and recovered tokens."""
+        """The fitted acceptance per position (first 10), per confidence bin, and P(rank 0) of bonus
+        and recovered tokens."""
         return {"accept": [round(self.accept_rate(i), 3) for i in range(10)],
+                "accept_by_conf": [round(self.conf_accept_rate((b + 0.5) / self.CONF_BINS), 3) for b in range(self.CONF_BINS)],
                 "bonus_top1": round(self.rank_probs(True)[0], 3), "recovered_top1": round(self.rank_probs(False)[0], 3)}
 
 
@@ -467,7 +497,8 @@ class DraftSession:
     def _observe(self, accepted: int, token: int) -> None:
         """Feed the acceptance model: how far the sent proposal got, and where the draft ranked t*."""
         d = self.sent.token_ids
-        self.acceptance.observe(len(d), accepted)
+        conf = self._conf(d, torch.stack([self._rank(r) for r in self.rows[: len(d)]])) if d and len(self.rows) >= len(d) else None
+        self.acceptance.observe(len(d), accepted, conf)
         if accepted < len(self.rows):  # the draft's logits at that position (computed while drafting or glueing)
             row = self.rows[accepted]
             better = row > row[token]
@@ -475,12 +506,18 @@ class DraftSession:
                 better[d[accepted]] = False  # the rejected draft is never a recovered candidate
             self.acceptance.observe_rank(accepted == len(d), int(better.sum()))
 
-    def _fanout(self, kd: int) -> list[int]:
-        """F_0..F_kd for a proposal of kd drafts: the fixed fan-out mapped onto it, or the fitted one."""
+    def _fanout(self, kd: int, conf: list[float] | None = None) -> list[int]:
+        """F_0..F_kd for a proposal of kd drafts: the fixed fan-out mapped onto it, or the fitted one
+        (for drafts of confidences `conf` when given)."""
         if self.fanout is not None:  # F_i for the rejection positions it names, its last entry for the bonus
             F = self.fanout
             return [F[i] if i < len(F) - 1 else 0 for i in range(kd)] + [F[-1]]
-        return self.acceptance.fanout(kd, self.fanout_budget, defaults.FANOUT_MIN_GAIN)
+        return self.acceptance.fanout(kd, self.fanout_budget, defaults.FANOUT_MIN_GAIN, conf)
+
+    @staticmethod
+    def _conf(d: list[int], step_probs: torch.Tensor) -> list[float]:
+        """The draft's probability of each of its drafts d, from its distributions step_probs [>= k, V]."""
+        return step_probs[torch.arange(len(d)), torch.tensor(d, dtype=torch.long)].tolist() if d else []
 
     def _begin_speculation(self) -> bool:
         """Glue (step_probs for every position of the sent proposal), predict, and set up the branches."""
@@ -489,7 +526,7 @@ class DraftSession:
         if need > 0:  # 1. glue: the rows of step_probs not computed while drafting (all k+1 after a hit)
             self.rows = self.rows + list(self._sync(self.seq + d, need))
         step_probs = torch.stack([self._rank(r) for r in self.rows[: len(d) + 1]])  # [k+1, V]
-        keys = predict_outcomes(step_probs, d, self._fanout(len(d)))  # 2. predict
+        keys = predict_outcomes(step_probs, d, self._fanout(len(d), self._conf(d, step_probs)))  # 2. predict
         self.speculations += 1
         self.branches += len(keys)
         if not keys:
