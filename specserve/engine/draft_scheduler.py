@@ -205,7 +205,7 @@ class SlotSession(DraftSession):
         if need > 0:  # 1. glue: the rows of step_probs not computed while drafting (all k+1 after a hit)
             self.rows = self.rows + list((yield from self._feed(self.seq + d, need)))
         step_probs = torch.stack([self._rank(r) for r in self.rows[: len(d) + 1]])  # [k+1, V]
-        keys = predict_outcomes(step_probs, d, self._fanout(len(d), self._conf(d, step_probs)))  # 2. predict
+        keys = predict_outcomes(step_probs, d, self._fanout(len(d), self._sent_conf(step_probs)))  # 2. predict
         self.speculations += 1
         self.branches += len(keys)
         if keys:  # 3. branch

@@ -374,6 +374,7 @@ class DraftSession:
         self.rows: list[torch.Tensor] = []  # logits [V] after seq + d_1..d_i, i = 0.., for `sent`
         self.table: dict[tuple[int, int, int], tuple[Proposal, bool]] = {}  # (round, i, t) -> (branch, final)
         self.spec_round = -1  # round whose outcomes `table` covers
+        self.conf: tuple[int, list[float]] | None = None  # (round, the draft's probability of each draft of `sent`)
         self._branches: _Branches | None = None  # speculation in progress (branches being drafted)
         self.hits = self.late_hits = self.misses = 0
         self.speculations = self.branches = 0  # rounds speculated for, and the branches they drafted
@@ -497,8 +498,7 @@ class DraftSession:
     def _observe(self, accepted: int, token: int) -> None:
         """Feed the acceptance model: how far the sent proposal got, and where the draft ranked t*."""
         d = self.sent.token_ids
-        conf = self._conf(d, torch.stack([self._rank(r) for r in self.rows[: len(d)]])) if d and len(self.rows) >= len(d) else None
-        self.acceptance.observe(len(d), accepted, conf)
+        self.acceptance.observe(len(d), accepted, self._sent_conf(None))
         if accepted < len(self.rows):  # the draft's logits at that position (computed while drafting or glueing)
             row = self.rows[accepted]
             better = row > row[token]
@@ -514,10 +514,20 @@ class DraftSession:
             return [F[i] if i < len(F) - 1 else 0 for i in range(kd)] + [F[-1]]
         return self.acceptance.fanout(kd, self.fanout_budget, defaults.FANOUT_MIN_GAIN, conf)
 
-    @staticmethod
-    def _conf(d: list[int], step_probs: torch.Tensor) -> list[float]:
-        """The draft's probability of each of its drafts d, from its distributions step_probs [>= k, V]."""
-        return step_probs[torch.arange(len(d)), torch.tensor(d, dtype=torch.long)].tolist() if d else []
+    def _sent_conf(self, step_probs: torch.Tensor | None) -> list[float] | None:
+        """The draft's probability of each draft of `sent`: kept from its speculation (step_probs
+        [>= k, V], the draft's distributions there), else from the logits of `rows` (None when those
+        are not all computed)."""
+        d = self.sent.token_ids
+        if self.conf is not None and self.conf[0] == self.round:
+            return self.conf[1]
+        if step_probs is None:
+            if len(self.rows) < len(d):
+                return None
+            step_probs = torch.stack([self._rank(r) for r in self.rows[: len(d)]]) if d else None
+        conf = step_probs[torch.arange(len(d)), torch.tensor(d, dtype=torch.long)].tolist() if d else []
+        self.conf = (self.round, conf)
+        return conf
 
     def _begin_speculation(self) -> bool:
         """Glue (step_probs for every position of the sent proposal), predict, and set up the branches."""
@@ -526,7 +536,7 @@ class DraftSession:
         if need > 0:  # 1. glue: the rows of step_probs not computed while drafting (all k+1 after a hit)
             self.rows = self.rows + list(self._sync(self.seq + d, need))
         step_probs = torch.stack([self._rank(r) for r in self.rows[: len(d) + 1]])  # [k+1, V]
-        keys = predict_outcomes(step_probs, d, self._fanout(len(d), self._conf(d, step_probs)))  # 2. predict
+        keys = predict_outcomes(step_probs, d, self._fanout(len(d), self._sent_conf(step_probs)))  # 2. predict
         self.speculations += 1
         self.branches += len(keys)
         if not keys:
