@@ -206,10 +206,7 @@ def load_model(
         raise ValueError(f"kernels must be auto, packed or plain, got {kernels!r}")
     device = resolve_device(device, quantize)
     dtype = resolve_dtype(dtype, device, quantize)
-    if kernels == "packed" and device == "cpu" and dtype == "bfloat16" and not quantize and not bf16_packing_available():
-        raise ValueError("kernels 'packed' with dtype bfloat16: oneDNN cannot pack bfloat16 weights on this CPU "
-                         "(it needs AVX512BW/VL/DQ or AVX-NE-CONVERT): use kernels 'auto' (plain bfloat16 "
-                         "linears here) or dtype float32 (packed)")
+    packable = _packable(dtype, kernels) if device == "cpu" and not quantize and kernels != "plain" else ()
     set_threads(threads)
     src = resolve_model(str(name_or_path), dtype=dtype)  # a dir, a prepared name or a hub id
     t0 = time.perf_counter()
@@ -223,7 +220,7 @@ def load_model(
     elif device != "cpu":
         model.to(device)
         used = device
-    elif kernels != "plain" and pack_linears(model, _packable(dtype, kernels)):
+    elif packable and pack_linears(model, packable):
         used = "packed"
     tok = AutoTokenizer.from_pretrained(src) if tokenizer else None
     name = Path(src).name if os.path.isdir(src) else src
@@ -256,9 +253,14 @@ _libc = None  # glibc, once looked up; False where there is none
 
 def _packable(dtype: str, kernels: str) -> tuple[torch.dtype, ...]:
     """The weight dtypes `load_model` packs for oneDNN: float32 always; bfloat16 where the CPU has
-    bf16 instructions (elsewhere oneDNN would emulate them) or when asked for ("packed")."""
+    bf16 instructions (elsewhere oneDNN would emulate them) or when asked for ("packed"), which is a
+    ValueError where oneDNN cannot pack bfloat16 at all (checked before the model loads)."""
     if dtype == "float32":
         return (torch.float32,)
+    if dtype == "bfloat16" and kernels == "packed" and not bf16_packing_available():
+        raise ValueError("kernels 'packed' with dtype bfloat16: oneDNN cannot pack bfloat16 weights on this CPU "
+                         "(it needs AVX512BW/VL/DQ or AVX-NE-CONVERT): use kernels 'auto' (plain bfloat16 "
+                         "linears here) or dtype float32 (packed)")
     if dtype == "bfloat16" and (kernels == "packed" or native_bf16()):
         return (torch.bfloat16,)
     return ()
