@@ -18,6 +18,11 @@ k + 1 tokens) + k batched branch steps at (B x branches rows, 1 token); ar costs
 token. B > 1 assumes every row of the batch drafts like the traced one (same k per round), and
 the aggregate throughput is B x the per-sequence tokens/s.
 
+The cache hit rate counts hits among the rounds that answer an outcome: every round but a
+sequence's first, whose proposal no speculation could have prepared. The bench's `cache_hit_rate`
+counts the same, plus the answers to outcomes after which the sequence had ended (no round used
+them), so the two differ by a few answers.
+
 This module reads JSON and does arithmetic; it knows nothing of models.
 """
 
@@ -137,8 +142,9 @@ def simulate(result: dict, cost: CostModel | TableCost) -> dict:
                  for r in rs for k, h in zip(r["drafted_per_round"], r["hit_per_round"]))
         rounds = sum(len(r["drafted_per_round"]) for r in rs)
         hits = sum(sum(r["hit_per_round"]) for r in rs)
+        asked = rounds - sum(1 for r in rs if r["drafted_per_round"])  # a sequence's first round answers no outcome
         out[mode] = {"tokens": sum(r["new_tokens"] for r in rs), "ms": ms, "rounds": rounds,
-                     "hit_rate": round(hits / rounds, 4) if kind == "ssd" and rounds else None}
+                     "hit_rate": round(hits / asked, 4) if kind == "ssd" and asked else None}
     for d in out.values():
         d["tokens_per_s"] = round(d["tokens"] / d["ms"] * 1000, 2)
         if cost.batch > 1:
