@@ -5,7 +5,7 @@ import json
 import pytest
 
 from specserve.engine.kernels import native_bf16
-from specserve.tools.bench import load_prompts
+from specserve.tools.bench import format_hit_split, hits_by_previous_round, load_prompts
 from specserve.cli import main
 
 
@@ -82,6 +82,9 @@ def test_bench_concurrency_levels_through_the_engine(tiny_dir, tmp_path, capsys)
     assert summ["ssd@3"]["acceptance_rate"] == 1.0 and summ["ssd@3"]["cache_hit_rate"] > 0.8  # a draft worker, batched
     assert summ["ssd@3"]["mean_batch"] > 1.5 and "fallbacks" not in summ["ssd@3"]
     assert summ["ssd@3"]["hit_answer_ms"] > 0
+    split = summ["ssd@3"]["rounds_after_accept"] + summ["ssd@3"]["rounds_after_reject"]
+    assert split > 0 and summ["ssd@3"]["hit_rate_after_accept"] > 0.8  # a draft equal to the target: all accepted
+    assert "ssd@3 cache hits: after a full accept" in table
     assert summ["hf-assisted@3"]["sequential"] and "sequential" not in summ["ar@3"]
     sd = [r for r in res["records"] if r["mode"] == "sd"]  # the C = 1 traces, for `specserve simulate`
     assert len(sd) == 4 and all(len(r["drafted_per_round"]) == r["rounds"] for r in sd)
@@ -109,3 +112,18 @@ def test_bench_concurrency_reports_a_mismatch_with_its_logit_gap(tiny, monkeypat
     assert d["mismatch_detail"][0]["top2_logit_gap"] >= 0
     with pytest.raises(ValueError, match="--modes ssd needs a draft worker"):
         bb.run_levels(target, None, encoded, ["ssd"], [2], 6, progress=False)
+
+
+def test_hits_split_by_how_the_round_before_ended():
+    # sequence 1: round 0 (the start) all accepted; round 1 hits after a full accept, then rejects;
+    # round 2 misses after that rejection, all accepted; round 3 has no drafts (k = 0), so it neither
+    # counts nor lets round 4 count; round 5 hits after round 4's full accept.
+    # sequence 2: round 1 hits after round 0's rejection.
+    traces = [([3, 3, 2, 0, 2, 2], [3, 1, 2, 0, 2, 0], [0, 1, 0, 0, 1, 1]),
+              ([2, 2], [0, 2], [0, 1])]
+    assert hits_by_previous_round(traces) == {"after_accept": [2, 2], "after_reject": [1, 2]}
+    line = format_hit_split("ssd@4", {"hit_rate_after_accept": 2 / 3, "rounds_after_accept": 3,
+                                      "hit_rate_after_reject": 0.5, "rounds_after_reject": 2,
+                                      "hit_answer_ms": 18.3, "miss_answer_ms": None})
+    assert line == "ssd@4 cache hits: after a full accept 0.67 of 3 rounds, after a rejection 0.50 of 2 rounds; a hit waits 18 ms"
+    assert format_hit_split("sd@4", {"acceptance_rate": 0.8}) is None

@@ -35,7 +35,7 @@ from ..engine.single import generate, probe_costs
 from ..engine.speculative import SpecConfig, Stats
 from ..pipeline.drafters import make_drafter
 
-__all__ = ["BENCH_MODES", "Prompt", "load_prompts", "run_bench", "host_facts", "format_table", "plot"]
+__all__ = ["BENCH_MODES", "Prompt", "load_prompts", "run_bench", "host_facts", "hits_by_previous_round", "format_hit_split", "format_table", "plot"]
 
 BENCH_MODES = ("ar", "hf-assisted", "sd", "ssd", "ssd-nocache")
 DATA = Path(__file__).parents[1] / "data"
@@ -167,6 +167,53 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
 
 
+def hits_by_previous_round(traces) -> dict:
+    """ssd: the cache hit rate split by how the round before ended, from per-round traces.
+
+    `traces` are (drafted_per_round, accepted_per_round, hit_per_round) per sequence. A round that
+    follows a fully accepted one had to guess a bonus token, one that follows a rejection the
+    target's recovered token (which the draft ranked below its own pick): the two have very
+    different ceilings (scripts/outcome_ranks.py). Rounds without drafts neither count nor
+    classify the next one. Returns {"after_accept": [hits, rounds], "after_reject": [hits, rounds]}.
+    """
+    out = {"after_accept": [0, 0], "after_reject": [0, 0]}
+    for drafted, accepted, hit in traces:
+        prev = None
+        for k, a, h in zip(drafted, accepted, hit):
+            if k == 0:
+                prev = None
+                continue
+            if prev is not None:
+                out[prev][0] += int(bool(h))
+                out[prev][1] += 1
+            prev = "after_accept" if a == k else "after_reject"
+    return out
+
+
+def hit_split_summary(traces) -> dict:
+    """`hits_by_previous_round` as summary fields: hit_rate_after_accept / _after_reject (with n)."""
+    d = {}
+    for kind, (h, n) in hits_by_previous_round(traces).items():
+        d[f"hit_rate_{kind}"] = round(h / n, 4) if n else None
+        d[f"rounds_{kind}"] = n
+    return d
+
+
+def format_hit_split(mode: str, d: dict) -> str | None:
+    """One line under a table for an ssd entry: its hit rate by the round before, and the answer latency."""
+    if d.get("hit_rate_after_accept") is None and d.get("hit_rate_after_reject") is None:
+        return None
+
+    def part(kind, what):
+        rate, n = d.get(f"hit_rate_{kind}"), d.get(f"rounds_{kind}", 0)
+        return f"after {what} {'—' if rate is None else f'{rate:.2f}'} of {n} rounds"
+
+    waits = [f"a {kind} waits {d[f'{kind}_answer_ms']:.0f} ms" for kind in ("hit", "miss")
+             if d.get(f"{kind}_answer_ms") is not None]
+    return (f"{mode} cache hits: {part('after_accept', 'a full accept')}, {part('after_reject', 'a rejection')}"
+            + (f"; {', '.join(waits)}" if waits else ""))
+
+
 def summarize(records: list[Record], modes: list[str], greedy: bool) -> dict:
     by = {m: [r for r in records if r.mode == m] for m in modes}
     ar_tps = {r.prompt_id: r.tokens_per_s for r in by.get("ar", [])}
@@ -201,6 +248,7 @@ def summarize(records: list[Record], modes: list[str], greedy: bool) -> dict:
             d["hit_answer_ms"] = round(1000 * sum(r.hit_wait_s for r in rs) / hits, 2) if hits else None
             d["miss_answer_ms"] = round(1000 * sum(r.miss_wait_s for r in rs) / misses, 2) if misses else None
             d["fallbacks"] = sum(1 for r in rs if r.fallback)
+            d.update(hit_split_summary((r.drafted_per_round, r.accepted_per_round, r.hit_per_round) for r in rs))
             d["verify_share"] = round(sum(r.verify_s for r in rs) / total, 3)
         if ar_tps and "ar" in by:
             ratios = [r.tokens_per_s / ar_tps[r.prompt_id] for r in rs if ar_tps.get(r.prompt_id)]
@@ -286,7 +334,8 @@ def format_table(result: dict) -> str:
                     f"{d['tokens_per_s_p90']:.2f} | {d.get('speedup_vs_ar_of_medians', 1.0):.2f}x | "
                     f"{d.get('speedup_vs_ar_median_of_ratios') or 1.0:.2f}x | {opt(d, 'acceptance_rate')} | "
                     f"{opt(d, 'tokens_per_round')} | {opt(d, 'cache_hit_rate')} | {d.get('mismatches', '—')} |")
-    return "\n".join(rows)
+    notes = [line for m, d in result["summary"].items() if (line := format_hit_split(m, d))]
+    return "\n".join(rows + ([""] + notes if notes else []))
 
 
 def plot(result: dict, path: str | Path) -> None:

@@ -7,7 +7,9 @@ Per `mode@C` the summary has:
   tokens_per_s_median     per request (its new tokens / its time from admission to its last chunk)
   acceptance_rate, mean_k (drafts per row and round), mean_batch (rows per round)
   cache_hit_rate          ssd: proposals answered from the draft worker's speculation cache, with
-                          late_hits, hit_answer_ms and miss_answer_ms (outcome sent -> proposal back)
+                          late_hits, hit_answer_ms and miss_answer_ms (outcome sent -> proposal back),
+                          hit_rate_after_accept / _after_reject (split by how the round before
+                          ended: a bonus or a recovered token to guess; rounds_after_* count them)
                           and miss_k_rounds (rounds by the drafts a miss got: 0 = none, see
                           scheduler.ssd_miss_k)
   mismatches              greedy: every sequence against `ar@1`, with the first diverging position
@@ -31,7 +33,7 @@ from ..engine.sampling import SamplingParams
 from ..engine.sequence import Request, SpeculationParams
 from ..engine.speculative import SpecConfig
 from ..pipeline.drafters import make_drafter
-from .bench import _first_diff, host_facts, run_one
+from .bench import _first_diff, format_hit_split, hit_split_summary, host_facts, run_one
 
 __all__ = ["BATCH_MODES", "run_levels", "logit_gap", "format_levels", "plot_levels"]
 
@@ -164,6 +166,7 @@ def _summarize(recs: list[dict], wall: float, delta: dict, sequential: bool) -> 
         d["late_hits"] = sum(r["late_hits"] for r in recs)
         d["hit_answer_ms"] = round(1000 * sum(r["hit_wait_s"] for r in recs) / hits, 2) if hits else None
         d["miss_answer_ms"] = round(1000 * sum(r["miss_wait_s"] for r in recs) / misses, 2) if misses else None
+        d.update(hit_split_summary((r["drafted_per_round"], r["accepted_per_round"], r["hit_per_round"]) for r in recs))
     if any(r.get("fallback") for r in recs):
         d["fallbacks"] = sum(1 for r in recs if r.get("fallback"))
     if delta.get("rounds"):
@@ -232,4 +235,5 @@ def format_levels(summary: dict) -> str:
                     f"{agg / arc if arc else 0:.2f}x | {agg / ar1 if ar1 else 0:.2f}x | {d['tokens_per_s_median']:.2f} | "
                     f"{'—' if acc is None else f'{acc:.2f}'} | {d.get('mean_k', '—')} | {d.get('mean_batch', '—')} | "
                     f"{d.get('cache_hit_rate', '—')} | {d.get('mismatches', '—')} |")
-    return "\n".join(rows)
+    notes = [line for key, d in summary.items() if "@" in key and (line := format_hit_split(key, d))]
+    return "\n".join(rows + ([""] + notes if notes else []))
