@@ -189,9 +189,9 @@ def test_a_cache_key_parks_the_slot_and_the_next_turn_prefills_only_past_the_com
     sched = DraftScheduler(lm, max_seqs=2, max_model_len=256)
     fed, forward = [], sched.runner.forward_rows
 
-    def spy(rows):
+    def spy(rows, interrupt=None):
         fed.append(sum(len(r.tokens) for r in rows))
-        return forward(rows)
+        return forward(rows, interrupt)
 
     sched.runner.forward_rows = spy
     turn1 = prompts[3]
@@ -243,3 +243,88 @@ def test_a_start_with_a_cache_key_reuses_the_streams_parked_slot_over_grpc(tiny,
             assert server.servicer.stats()["parked"] == 0
     finally:
         server.stop(grace=None)
+
+
+def _interrupt_at(check: int):
+    """An `interrupt` that answers True at its `check`-th question (0-based) and never again."""
+    asked = iter(range(1 << 30))
+    return lambda: next(asked) == check
+
+
+def test_an_interrupted_speculation_step_is_run_again_and_changes_nothing(tiny, prompts):
+    """A speculation forward abandoned between layers (glue or branch step) leaves every program
+    waiting for the same row: the next step runs it again, and the branches come out exactly as
+    without the interruption. (The tiny target as the draft: two layers, so the abandoned forward
+    has written K/V for one.)"""
+    lm = tiny["target"]
+    scheds = [DraftScheduler(lm, max_seqs=2, max_model_len=256, fanout_budget=6) for _ in range(2)]
+    for sched in scheds:
+        sched.answer({"a": sched.open("a", prompts[2], k=4).first_program(KPlan(4, 3, 2)),
+                      "b": sched.open("b", prompts[1], k=4).first_program(KPlan(4, 3, 2))})
+    plain, cut = scheds
+    while plain.speculating():
+        assert plain.speculate_step() == {}
+    n = 0
+    while cut.speculating():  # every other step abandoned before its second layer
+        assert cut.speculate_step(_interrupt_at(1) if n % 2 == 0 else None) == {}
+        n += 1
+    assert cut.spec_interrupted > 0 and cut.spec_steps - cut.spec_interrupted == plain.spec_steps
+    assert cut.forwards == plain.forwards  # abandoned forwards are not counted as run
+    for s in ("a", "b"):
+        want = {key: (p.token_ids, final) for key, (p, final) in plain.sessions[s].table.items()}
+        got = {key: (p.token_ids, final) for key, (p, final) in cut.sessions[s].table.items()}
+        assert got == want and len(got) == 6
+
+
+def test_the_runner_asks_interrupt_before_every_layer(tiny, prompts):
+    from specserve.engine.runner import Interrupted, TreeRow
+
+    lm = tiny["target"]  # two layers
+    sched = DraftScheduler(lm, max_seqs=1, max_model_len=256)
+    rows = [TreeRow.causal(0, prompts[1], 0, 1)]
+    asked = []
+    out = sched.runner.forward_rows(rows, lambda: asked.append(1) and False)
+    assert len(asked) == lm.model.config.num_hidden_layers and out[0].shape[0] == 1
+    with pytest.raises(Interrupted, match="before layer 1"):
+        sched.runner.forward_rows(rows, _interrupt_at(1))
+    assert torch.equal(sched.runner.forward_rows(rows)[0], out[0])  # run again whole: the same logits
+
+
+class _ArrivingInbox(Inbox):
+    """An Inbox whose `message` arrives while the loop is mid-forward: at the `at`-th question of
+    a speculation forward's interrupt (counted over the whole stream)."""
+
+    def __init__(self, message, at):
+        super().__init__()
+        self.message, self.at, self.asked = message, at, 0
+
+    def waiting(self):
+        self.asked += 1
+        if self.asked == self.at:
+            self.put(self.message)
+        return super().waiting()
+
+
+@pytest.mark.parametrize("predicted", [True, False])
+def test_serve_batched_abandons_a_branch_step_only_for_outcomes_it_does_not_draft_on(tiny, prompts, predicted):
+    """An outcome lands between two layers of a speculation branch step. One that step drafts on
+    (the bonus branch, still open) lets it finish and is answered from the branch; one no branch
+    predicted abandons the step and is drafted just-in-time at once. Either way the proposal is
+    what a just-in-time draft after the outcome gives."""
+    lm = tiny["draft-same"]
+    svc = BatchDraftService(lm, max_seqs=2, max_model_len=256)
+    first = svc.handle(pb.TargetMessage(start=_start("a", prompts[2], k=3)))[0].proposal
+    d = list(first.token_ids)
+    bonus = DraftSession(lm, prompts[2] + d, k=1).first_proposal(KPlan(1, 0, 0)).token_ids[0]
+    accepted, token = (len(d), bonus) if predicted else (0, 499)
+    outcome = pb.TargetMessage(outcome=pb.Outcome(seq="a", round=0, accepted=accepted, token=token))
+    layers = lm.model.config.num_hidden_layers
+    inbox = _ArrivingInbox(outcome, at=layers + 2)  # the glue forward runs whole; then the first branch step
+    out = []
+    for m in serve_batched(svc, inbox):
+        out.append(m.proposal)
+        inbox.close()
+    assert [(p.round, p.cache_hit) for p in out] == [(1, predicted)]
+    assert svc.stats()["spec_interrupted"] == (0 if predicted else 1)
+    fresh = DraftSession(lm, prompts[2] + d[:accepted] + [token], k=3)
+    assert list(out[0].token_ids) == fresh.first_proposal(KPlan(len(out[0].token_ids), 0, 0)).token_ids

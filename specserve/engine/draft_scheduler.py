@@ -19,7 +19,8 @@ table, the fitted fan-out, over a slot instead of a private cache). Its two kind
                      Branch tokens live in scratch columns past the sequence's valid ones.
 
 So the server (pipeline/draft_server.py) answers a round's outcomes in one reply and speculates
-between messages one forward at a time: an outcome that arrives waits for at most one forward.
+between messages one forward at a time, and abandons a speculation forward between two layers
+when a message arrives (`speculate_step(interrupt)`): an outcome waits for at most one layer.
 An outcome that arrives while its own round is still being speculated takes the branch as far
 as it got (a late hit, drawn on just-in-time), or drafts just-in-time (a miss).
 
@@ -44,7 +45,7 @@ import torch
 
 from . import defaults
 from .lm import LM
-from .runner import NativeRunner, TreeRow, native_supported
+from .runner import Interrupted, NativeRunner, TreeRow, native_supported
 from .slot_cache import CacheFull, SlotCache
 from .speculative import KPlan
 from .ssd import AcceptanceModel, DraftSession, Proposal, _common_prefix, predict_outcomes
@@ -256,6 +257,7 @@ class DraftScheduler:
         self.forwards = 0  # batched forwards run (answers and speculation)
         self.rows = 0  # rows over those forwards
         self.spec_steps = 0  # speculation forwards
+        self.spec_interrupted = 0  # ... of them abandoned midway for a message (see speculate_step)
 
     @property
     def capacity(self) -> dict:
@@ -321,13 +323,36 @@ class DraftScheduler:
             self._forward(live, out)
         return out
 
+    def step_extends(self, seq: str, round: int, accepted: int, token: int) -> bool:
+        """Whether the speculation step in progress drafts on the branch that outcome (round,
+        accepted, token) of `seq` would be answered from: worth finishing for it, rather than
+        abandoning (a branch cut short is drawn on just-in-time, which costs more than the rest
+        of a step). False for a branch already complete, for an outcome no branch predicted and
+        for anything that is not being speculated."""
+        s = self.sessions.get(seq)
+        tree = s.tree if s is not None else None
+        if tree is None or round != s.round or tree.round != round + 1:
+            return False
+        try:
+            return tree.open[tree.keys.index((accepted, token))]
+        except ValueError:
+            return False
+
     def speculating(self) -> bool:
         """Whether any sequence has speculation left to run."""
         return any(s.spec is not None or s.wants_speculation() for s in self.sessions.values())
 
-    def speculate_step(self) -> dict[str, Exception]:
+    def speculate_step(self, interrupt=None) -> dict[str, Exception]:
         """One forward of speculation for every sequence that has some to do; {seq: error} of the
-        sequences whose speculation failed (the caller closes them)."""
+        sequences whose speculation failed (the caller closes them).
+
+        `interrupt` (a callable, e.g. "has a message arrived?") is asked between the forward's
+        layers: when it answers True the forward is abandoned and every program stays where it
+        was, waiting for the same row, so the next step runs that row again (the abandoned one
+        only wrote columns no program trusts yet). A message is thus answered within one layer
+        of a branch step, not one whole forward. A step that holds a glue row (a sequence whose
+        branches are not predicted yet) runs whole: an outcome that arrives then still finds its
+        branch keys (a late hit, drawn on just-in-time) instead of an empty table."""
         live: dict[str, tuple[Program, TreeRow]] = {}
         done: dict[str, Proposal | Exception] = {}
         t0 = time.perf_counter()
@@ -338,7 +363,10 @@ class DraftScheduler:
                 live[seq] = s.spec
         if live:
             self.spec_steps += 1
-            self._forward(live, done)
+            if any(self.sessions[seq].tree is None for seq in live):  # a glue row: run whole
+                interrupt = None
+            if not self._forward(live, done, interrupt):
+                self.spec_interrupted += 1
         for seq, (prog, row) in live.items():
             self.sessions[seq].spec = (prog, row)
         dt = time.perf_counter() - t0
@@ -362,17 +390,21 @@ class DraftScheduler:
             live.pop(seq, None)
             out[seq] = e
 
-    def _forward(self, live: dict[str, tuple[Program, TreeRow]], out: dict) -> None:
-        """One batched forward over every live program's row, then each program's next step."""
+    def _forward(self, live: dict[str, tuple[Program, TreeRow]], out: dict, interrupt=None) -> bool:
+        """One batched forward over every live program's row, then each program's next step.
+        False when `interrupt` abandoned it (live unchanged: every program waits for the same row)."""
         seqs = list(live)
         try:
-            logits = self.runner.forward_rows([live[s][1] for s in seqs])
+            logits = self.runner.forward_rows([live[s][1] for s in seqs], interrupt)
+        except Interrupted:
+            return False
         except Exception as e:  # the forward itself failed: every row of it fails
             for s in seqs:
                 live.pop(s)[0].close()
                 out[s] = e
-            return
+            return True
         self.forwards += 1
         self.rows += len(seqs)
         for s, lg in zip(seqs, logits):
             self._advance(s, live[s][0], lg, live, out)
+        return True

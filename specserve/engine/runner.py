@@ -18,6 +18,12 @@ Two implementations behind one interface:
   SerialRunner  any other causal LM transformers loads: rows one at a time, each slot holding the
                 existing `KVCache` (a DynamicCache; it grows per request, unlike the SlotCache).
 
+`NativeRunner.forward_rows` can be abandoned between layers (`interrupt`, a callable asked before
+each layer; when it answers True the forward raises `Interrupted`): a draft worker's speculation
+step gives way to a message that arrives mid-forward. An abandoned forward has written K/V for some
+layers of its rows' columns; forward_rows never moves slot lengths, so those columns stay as
+untrusted as before, and re-running the same rows rewrites them whole.
+
 This module does not know about sampling, drafts or scheduling. Host syncs in NativeRunner.forward:
 none. Its index lists are built from host lengths (python ints, never read from the device) and
 reach the device in one non-blocking copy (`device.to_device`); masks are built on the device.
@@ -37,9 +43,14 @@ from .device import to_device
 from .lm import KVCache
 from .slot_cache import SlotCache, SlotPool
 
-__all__ = ["Runner", "NativeRunner", "TreeRow", "SerialRunner", "SerialCache", "make_runner", "native_supported"]
+__all__ = ["Runner", "NativeRunner", "TreeRow", "Interrupted", "SerialRunner", "SerialCache", "make_runner",
+           "native_supported"]
 
 NATIVE_FAMILIES = ("llama", "qwen2")
+
+
+class Interrupted(Exception):
+    """A forward_rows abandoned between layers because its `interrupt` answered True."""
 
 
 def native_supported(model: Any) -> str | None:
@@ -152,13 +163,15 @@ class NativeRunner(Runner):
         return logits, koff
 
     @torch.inference_mode()
-    def forward_rows(self, rows: list["TreeRow"]) -> list[torch.Tensor]:
+    def forward_rows(self, rows: list["TreeRow"], interrupt=None) -> list[torch.Tensor]:
         """Rows that say where each token goes and what it sees: logits [keep, V] per row.
 
         Unlike `forward`, each token carries its own position (RoPE) and cache column, and each row
         its own visibility mask over its slot's columns, so a row can be a tree (speculation
         branches over a shared prefix, each seeing the prefix up to its fork and its own earlier
         tokens). Slot lengths are not touched: the caller owns which columns are valid.
+        `interrupt`: None, or a callable asked before every layer; True abandons the forward
+        (raises `Interrupted`, see the module docstring).
         """
         assert rows, "at least one row"
         for r in rows:
@@ -198,13 +211,13 @@ class NativeRunner(Runner):
             G = len(g)
             out_groups.append((parts[:G], parts[G:G + n_g], parts[G + n_g:G + 2 * n_g], parts[G + 2 * n_g:],
                                mask.to(dev), G, T, L))
-        logits = self._run(tokens, pos, slot_of, cols, out_groups, lens, [r.keep for r in rows])
+        logits = self._run(tokens, pos, slot_of, cols, out_groups, lens, [r.keep for r in rows], interrupt)
         koff = list(accumulate([0] + [r.keep for r in rows]))
         return [logits[a:b] for a, b in zip(koff[:-1], koff[1:])]
 
-    def _run(self, tokens, pos, slot_of, cols, groups, row_lens, keep) -> torch.Tensor:
+    def _run(self, tokens, pos, slot_of, cols, groups, row_lens, keep, interrupt=None) -> torch.Tensor:
         """The decoder over flat tokens: K/V written at (slot_of, cols), attention by groups; logits
-        [sum(keep), V] of each row's last keep[b] tokens."""
+        [sum(keep), V] of each row's last keep[b] tokens. `interrupt` is asked before each layer."""
         N, H, Hkv, D = len(pos), self.heads, self.kv_heads, self.head_dim
         if not (isinstance(tokens, torch.Tensor) and tokens.device == self.device):
             tokens = to_device(tokens, self.device)  # [N] (the engine passes device tensors)
@@ -212,6 +225,8 @@ class NativeRunner(Runner):
         cos, sin = self.inner.rotary_emb(h, pos[None])  # [1, N, D] each
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, D]
         for i, layer in enumerate(self.inner.layers):
+            if interrupt is not None and interrupt():
+                raise Interrupted(f"abandoned before layer {i}")
             attn = layer.self_attn
             x = layer.input_layernorm(h)  # [1, N, hidden]
             q = attn.q_proj(x).view(N, H, D)

@@ -75,7 +75,8 @@ def info_reply(lm: LM) -> pb.InfoReply:
 
 
 ANSWERS = ("hit", "late", "miss")  # how an outcome was answered: a finished branch, a branch in progress, JIT
-COUNTERS = ("started", "errors", "hits", "late_hits", "misses", "spec_steps", "speculations", "branches", "reused_tokens",
+COUNTERS = ("started", "errors", "hits", "late_hits", "misses", "spec_steps", "spec_interrupted", "speculations",
+            "branches", "reused_tokens",
             *(f"{kind}_answers" for kind in ANSWERS), *(f"{kind}_answer_s" for kind in ANSWERS))  # summed over streams
 
 
@@ -90,6 +91,7 @@ class _StreamService:
 
     sessions: dict
     spec_steps: int
+    spec_interrupted = 0  # speculation forwards abandoned for a message (the batched service's)
     reused_tokens = 0  # prompt tokens a Start did not prefill (a parked slot of its cache_key held them)
     parked = 0  # slots kept for conversations (Start.cache_key) whose sequence ended
 
@@ -129,7 +131,8 @@ class _StreamService:
 
     def stats(self) -> dict:
         out = {"open": len(self.sessions), "started": self.started, "errors": self.errors,
-               "spec_steps": self.spec_steps, "reused_tokens": self.reused_tokens, "parked": self.parked,
+               "spec_steps": self.spec_steps, "spec_interrupted": self.spec_interrupted,
+               "reused_tokens": self.reused_tokens, "parked": self.parked,
                **{name: self._count(name) for name in self._closed}}
         for kind in ANSWERS:
             out[f"{kind}_answers"], out[f"{kind}_answer_s"] = self.answers[kind], self.answer_s[kind]
@@ -322,10 +325,21 @@ class BatchDraftService(_StreamService):
     def speculating(self) -> bool:
         return self.scheduler.speculating()
 
-    def speculate_step(self) -> list[pb.DraftMessage]:
-        """One forward of speculation for every sequence that has some; Errors of those that failed."""
+    def gives_way_to(self, msgs: list[pb.TargetMessage]) -> bool:
+        """Whether the speculation step in progress should be abandoned for these waiting messages:
+        yes, unless one of them is an outcome whose branch that very step is drafting on."""
+        for msg in msgs:
+            for m in unbatch(msg):
+                o = m.outcome if m.WhichOneof("kind") == "outcome" else None
+                if o is not None and self.scheduler.step_extends(o.seq, o.round, o.accepted, o.token):
+                    return False
+        return True
+
+    def speculate_step(self, interrupt=None) -> list[pb.DraftMessage]:
+        """One forward of speculation for every sequence that has some (abandoned between layers
+        once `interrupt()` answers True); Errors of those that failed."""
         out = []
-        for seq, exc in self.scheduler.speculate_step().items():
+        for seq, exc in self.scheduler.speculate_step(interrupt).items():
             log.error("speculation failed for sequence %r: %s", seq, exc)
             out.append(self._failed(seq, "speculation", exc))
         return out
@@ -333,6 +347,10 @@ class BatchDraftService(_StreamService):
     @property
     def spec_steps(self) -> int:
         return self.scheduler.spec_steps
+
+    @property
+    def spec_interrupted(self) -> int:
+        return self.scheduler.spec_interrupted
 
     @property
     def reused_tokens(self) -> int:
@@ -438,6 +456,15 @@ class Inbox:
     def close(self) -> None:
         self._q.put((time.perf_counter(), Inbox.CLOSED))
 
+    def waiting(self) -> bool:
+        """Whether a message is waiting."""
+        return not self._q.empty()
+
+    def peek(self) -> list[pb.TargetMessage]:
+        """The messages waiting, oldest first, left in place."""
+        with self._q.mutex:
+            return [msg for _, msg in self._q.queue if msg is not Inbox.CLOSED]
+
     def get(self, block: bool) -> pb.TargetMessage | None | object:
         """The next message; None when not blocking and nothing is waiting; Inbox.CLOSED at the end."""
         try:
@@ -494,14 +521,17 @@ def serve_stream(service: DraftService, inbox: Inbox) -> Iterator[pb.DraftMessag
 def serve_batched(service: BatchDraftService, inbox: Inbox) -> Iterator[pb.DraftMessage]:
     """`serve_stream` for a `BatchDraftService`: every message waiting is applied together (one
     batched answer), then one forward of speculation for every sequence with a proposal out, and
-    the inbox is read again: a message waits for at most one speculation forward."""
+    the inbox is read again. A speculation forward is abandoned between two layers as soon as a
+    message arrives (and run again after it), so a message waits for at most one layer; unless it
+    is an outcome whose branch that forward is drafting on (`gives_way_to`): the forward then
+    finishes, which costs less than drawing the cut branch on just-in-time."""
     try:
         while True:
             msg = inbox.get(block=not service.speculating())
             if msg is Inbox.CLOSED:
                 return
             if msg is None:
-                yield from service.speculate_step()
+                yield from service.speculate_step(lambda: inbox.waiting() and service.gives_way_to(inbox.peek()))
                 continue
             batch, closed = [(inbox.arrived, msg)], False
             while (more := inbox.get(block=False)) is not None:
