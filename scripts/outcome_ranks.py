@@ -29,7 +29,7 @@ import sys
 import torch
 
 from specserve.engine.lm import load_model
-from specserve.tools.bench import load_prompts
+from specserve.tools.bench import hits_by_previous_round, load_prompts
 
 TOP = (1, 2, 3, 4, 8)
 
@@ -96,7 +96,6 @@ def main() -> None:
 
     lm = load_model(args.draft, quantize=args.draft_quantize, threads=args.threads)
     ranks = {"bonus": [], "recovered": []}
-    hits = {"bonus": [0, 0], "recovered": [0, 0]}  # the round after a round of that kind: [hits, rounds]
     agree = [0, 0]  # accepted drafts that are the replayed draft's argmax: the replay is faithful
     for rec in records:
         p = prompts[rec["prompt_id"]]
@@ -104,14 +103,14 @@ def main() -> None:
         rows = draft_logits(lm, lm.encode(p.text, p.chat), toks)
         ends = outcome_positions(rec["drafted_per_round"], rec["accepted_per_round"], len(toks))
         start = 0
-        for i, kind, r in ends:
+        for i, kind, _ in ends:
             ranks[kind].append(rank_of(rows[i], toks[i]))
             agree[0] += sum(rank_of(rows[j], toks[j]) == 0 for j in range(start, i))
             agree[1] += i - start
             start = i + 1
-            if r + 1 < len(rec["hit_per_round"]) and rec["drafted_per_round"][r + 1] > 0:
-                hits[kind][0] += rec["hit_per_round"][r + 1]
-                hits[kind][1] += 1
+    after = hits_by_previous_round((r["drafted_per_round"], r["accepted_per_round"], r["hit_per_round"])
+                                   for r in records)
+    hits = {"bonus": after["after_accept"], "recovered": after["after_reject"]}  # the round after: [hits, rounds]
 
     print(f"{args.bench_json} {mode}: {len(records)} sequences, draft {lm.name} ({args.draft_quantize})")
     print(f"accepted drafts that are the replayed draft's argmax: {agree[0]} / {agree[1]}")
