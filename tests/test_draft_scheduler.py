@@ -291,18 +291,18 @@ def test_the_runner_asks_interrupt_before_every_layer(tiny, prompts):
 
 
 class _ArrivingInbox(Inbox):
-    """An Inbox whose `message` arrives while the loop is mid-forward: at the `at`-th question of
-    a speculation forward's interrupt (counted over the whole stream)."""
+    """An Inbox whose `message` arrives while the loop is mid-forward: at the `at`-th look of a
+    speculation forward's interrupt (counted over the whole stream)."""
 
     def __init__(self, message, at):
         super().__init__()
         self.message, self.at, self.asked = message, at, 0
 
-    def waiting(self):
+    def peek(self):
         self.asked += 1
         if self.asked == self.at:
             self.put(self.message)
-        return super().waiting()
+        return super().peek()
 
 
 @pytest.mark.parametrize("predicted", [True, False])

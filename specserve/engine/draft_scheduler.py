@@ -331,7 +331,7 @@ class DraftScheduler:
         for anything that is not being speculated."""
         s = self.sessions.get(seq)
         tree = s.tree if s is not None else None
-        if tree is None or round != s.round or tree.round != round + 1:
+        if tree is None or round != s.round:  # the tree in progress is always for round s.round + 1
             return False
         try:
             return tree.open[tree.keys.index((accepted, token))]

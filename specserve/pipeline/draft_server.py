@@ -327,7 +327,9 @@ class BatchDraftService(_StreamService):
 
     def gives_way_to(self, msgs: list[pb.TargetMessage]) -> bool:
         """Whether the speculation step in progress should be abandoned for these waiting messages:
-        yes, unless one of them is an outcome whose branch that very step is drafting on."""
+        yes when any waits, unless one of them is an outcome whose branch that very step is drafting on."""
+        if not msgs:
+            return False
         for msg in msgs:
             for m in unbatch(msg):
                 o = m.outcome if m.WhichOneof("kind") == "outcome" else None
@@ -456,10 +458,6 @@ class Inbox:
     def close(self) -> None:
         self._q.put((time.perf_counter(), Inbox.CLOSED))
 
-    def waiting(self) -> bool:
-        """Whether a message is waiting."""
-        return not self._q.empty()
-
     def peek(self) -> list[pb.TargetMessage]:
         """The messages waiting, oldest first, left in place."""
         with self._q.mutex:
@@ -531,7 +529,7 @@ def serve_batched(service: BatchDraftService, inbox: Inbox) -> Iterator[pb.Draft
             if msg is Inbox.CLOSED:
                 return
             if msg is None:
-                yield from service.speculate_step(lambda: inbox.waiting() and service.gives_way_to(inbox.peek()))
+                yield from service.speculate_step(lambda: service.gives_way_to(inbox.peek()))
                 continue
             batch, closed = [(inbox.arrived, msg)], False
             while (more := inbox.get(block=False)) is not None:
