@@ -35,7 +35,8 @@ from ..engine.single import generate, probe_costs
 from ..engine.speculative import SpecConfig, Stats
 from ..pipeline.drafters import make_drafter
 
-__all__ = ["BENCH_MODES", "Prompt", "load_prompts", "run_bench", "host_facts", "hits_by_previous_round", "format_hit_split", "format_table", "plot"]
+__all__ = ["BENCH_MODES", "Prompt", "load_prompts", "run_bench", "host_facts", "hits_by_previous_round",
+           "hit_split_summary", "format_hit_split", "format_table", "plot"]
 
 BENCH_MODES = ("ar", "hf-assisted", "sd", "ssd", "ssd-nocache")
 DATA = Path(__file__).parents[1] / "data"
@@ -249,7 +250,6 @@ def summarize(records: list[Record], modes: list[str], greedy: bool) -> dict:
             d["miss_answer_ms"] = round(1000 * sum(r.miss_wait_s for r in rs) / misses, 2) if misses else None
             d["fallbacks"] = sum(1 for r in rs if r.fallback)
             d.update(hit_split_summary((r.drafted_per_round, r.accepted_per_round, r.hit_per_round) for r in rs))
-            d["verify_share"] = round(sum(r.verify_s for r in rs) / total, 3)
         if ar_tps and "ar" in by:
             ratios = [r.tokens_per_s / ar_tps[r.prompt_id] for r in rs if ar_tps.get(r.prompt_id)]
             d["speedup_vs_ar_of_medians"] = round(d["tokens_per_s_median"] / statistics.median(ar_tps.values()), 3)
